@@ -1,0 +1,207 @@
+// Per-element math shared by the CPU and CUDA kernels: each elementwise
+// function of the chain with its first three derivatives, and the chain rule
+// that composes several of them into one "stage" between two Linear layers.
+//
+// The codes below are the contract with hessmlp/_spec.py (ACT_CODES); every
+// function takes two parameters p0, p1 (unused ones are 0).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define HM_HD __host__ __device__ __forceinline__
+#else
+#define HM_HD inline
+#endif
+
+#if defined(__CUDA_ARCH__)
+#define HM_MATH(fn) ::fn
+#else
+#define HM_MATH(fn) std::fn
+#endif
+
+namespace hessmlp {
+
+enum ActCode : int {
+  ACT_IDENTITY = 0,
+  ACT_AFFINE = 1,      // a*z + c            (p0 = a, p1 = c)
+  ACT_TANH = 2,
+  ACT_SIGMOID = 3,
+  ACT_SOFTPLUS = 4,    // PyTorch Softplus   (p0 = beta, p1 = threshold)
+  ACT_SILU = 5,
+  ACT_GELU = 6,        // exact, erf based
+  ACT_GELU_TANH = 7,   // approximate='tanh'
+  ACT_RELU = 8,
+  ACT_LEAKY_RELU = 9,  // p0 = negative_slope
+  ACT_ELU = 10,        // p0 = alpha
+  ACT_SIN = 11,        // sin(w0*z)          (p0 = w0)
+  ACT_NUM_CODES = 12
+};
+
+// Value and derivatives of a scalar function at one point.
+template <typename T>
+struct Derivs {
+  T s, s1, s2, s3;
+};
+
+template <typename T>
+HM_HD T hm_sigmoid(T z) {
+  // Stable on both sides: never exp of a large positive number.
+  if (z >= T(0)) {
+    return T(1) / (T(1) + HM_MATH(exp)(-z));
+  }
+  T e = HM_MATH(exp)(z);
+  return e / (T(1) + e);
+}
+
+// Derivatives of the logistic function's shape, given sigma and q = sigma(1-sigma).
+template <typename T>
+HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
+  Derivs<T> r{z, T(1), T(0), T(0)};
+  switch (code) {
+    case ACT_AFFINE:
+      r.s = p0 * z + p1;
+      r.s1 = p0;
+      break;
+    case ACT_TANH: {
+      T t = HM_MATH(tanh)(z);
+      T d1 = T(1) - t * t;
+      r.s = t;
+      r.s1 = d1;
+      r.s2 = T(-2) * t * d1;
+      r.s3 = T(2) * d1 * (T(3) * t * t - T(1));
+      break;
+    }
+    case ACT_SIGMOID: {
+      T sg = hm_sigmoid(z);
+      T q = sg * (T(1) - sg);
+      r.s = sg;
+      r.s1 = q;
+      r.s2 = q * (T(1) - T(2) * sg);
+      r.s3 = q * (T(1) - T(6) * q);
+      break;
+    }
+    case ACT_SOFTPLUS: {
+      // PyTorch: z*beta > threshold ? z : log1p(exp(z*beta)) / beta
+      T bz = z * p0;
+      if (bz > p1) {
+        r.s = z;  // linear branch: s1 = 1, s2 = s3 = 0
+      } else {
+        T sg = hm_sigmoid(bz);
+        T q = sg * (T(1) - sg);
+        r.s = HM_MATH(log1p)(HM_MATH(exp)(bz)) / p0;
+        r.s1 = sg;
+        r.s2 = p0 * q;
+        r.s3 = p0 * p0 * q * (T(1) - T(2) * sg);
+      }
+      break;
+    }
+    case ACT_SILU: {
+      T sg = hm_sigmoid(z);
+      T q = sg * (T(1) - sg);
+      T a = T(1) - T(2) * sg;
+      r.s = z * sg;
+      r.s1 = sg + z * q;
+      r.s2 = q * (T(2) + z * a);
+      r.s3 = q * (a * (T(3) + z * a) - T(2) * z * q);
+      break;
+    }
+    case ACT_GELU: {
+      const T inv_sqrt2 = T(0.70710678118654752440084436210484903928483593768847);
+      const T inv_sqrt2pi = T(0.39894228040143267793994605993438186847585863116493);
+      T cdf = T(0.5) * (T(1) + HM_MATH(erf)(z * inv_sqrt2));
+      T pdf = inv_sqrt2pi * HM_MATH(exp)(T(-0.5) * z * z);
+      r.s = z * cdf;
+      r.s1 = cdf + z * pdf;
+      r.s2 = pdf * (T(2) - z * z);
+      r.s3 = pdf * z * (z * z - T(4));
+      break;
+    }
+    case ACT_GELU_TANH: {
+      const T k0 = T(0.79788456080286535587989211986876373695171726232986);  // sqrt(2/pi)
+      const T k1 = T(0.044715);
+      T z2 = z * z;
+      T u1 = k0 * (T(1) + T(3) * k1 * z2);  // du/dz
+      T u2 = T(6) * k0 * k1 * z;            // d2u/dz2
+      T u3 = T(6) * k0 * k1;                // d3u/dz3
+      T t = HM_MATH(tanh)(k0 * (z + k1 * z2 * z));
+      T h = T(1) - t * t;
+      T t1 = h * u1;
+      T t2 = h * (u2 - T(2) * t * u1 * u1);
+      T t3 = h * (u3 - T(6) * t * u1 * u2 + (T(4) * t * t - T(2) * h) * u1 * u1 * u1);
+      r.s = T(0.5) * z * (T(1) + t);
+      r.s1 = T(0.5) * (T(1) + t) + T(0.5) * z * t1;
+      r.s2 = t1 + T(0.5) * z * t2;
+      r.s3 = T(1.5) * t2 + T(0.5) * z * t3;
+      break;
+    }
+    case ACT_RELU:
+      // PyTorch's derivative at 0 is 0.
+      if (z > T(0)) {
+        r.s = z;
+      } else {
+        r.s = T(0);
+        r.s1 = T(0);
+      }
+      break;
+    case ACT_LEAKY_RELU:
+      if (z > T(0)) {
+        r.s = z;
+      } else {
+        r.s = z * p0;
+        r.s1 = p0;
+      }
+      break;
+    case ACT_ELU:
+      // PyTorch uses the exponential branch for z <= 0 in every derivative.
+      if (z > T(0)) {
+        r.s = z;
+      } else {
+        T e = p0 * HM_MATH(exp)(z);
+        r.s = e - p0;
+        r.s1 = e;
+        r.s2 = e;
+        r.s3 = e;
+      }
+      break;
+    case ACT_SIN: {
+      T sn = HM_MATH(sin)(p0 * z);
+      T cs = HM_MATH(cos)(p0 * z);
+      r.s = sn;
+      r.s1 = p0 * cs;
+      r.s2 = -p0 * p0 * sn;
+      r.s3 = -p0 * p0 * p0 * cs;
+      break;
+    }
+    default:  // ACT_IDENTITY
+      break;
+  }
+  return r;
+}
+
+// f = g(h(z)): given h's derivatives at z and g's derivatives at h(z).
+template <typename T>
+HM_HD Derivs<T> compose(const Derivs<T>& h, const Derivs<T>& g) {
+  T h1sq = h.s1 * h.s1;
+  Derivs<T> f;
+  f.s = g.s;
+  f.s1 = g.s1 * h.s1;
+  f.s2 = g.s2 * h1sq + g.s1 * h.s2;
+  f.s3 = g.s3 * h1sq * h.s1 + T(3) * g.s2 * h.s1 * h.s2 + g.s1 * h.s3;
+  return f;
+}
+
+// A whole stage (n_ops elementwise functions applied in order) at one point.
+// An empty stage is the identity.
+template <typename T, typename CodeT>
+HM_HD Derivs<T> stage_eval(const CodeT* codes, const double* params, int64_t n_ops, T z) {
+  Derivs<T> f{z, T(1), T(0), T(0)};
+  for (int64_t k = 0; k < n_ops; ++k) {
+    Derivs<T> g = act_eval<T>(static_cast<int>(codes[k]), T(params[2 * k]), T(params[2 * k + 1]), f.s);
+    f = (k == 0) ? g : compose(f, g);
+  }
+  return f;
+}
+
+}  // namespace hessmlp

@@ -1,0 +1,134 @@
+// CPU kernel of hessmlp::mlp_jet: the forward jet pass (any mode) and the
+// dispatch to reverse-Gram for the full Hessian.
+#include "forward_pass.h"
+#include "jet_step.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace hessmlp {
+namespace cpu {
+
+namespace {
+
+// Samples per parallel task: enough work per task to amortise the scheduling.
+int64_t grain_for(int64_t work_per_sample) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_sample));
+}
+
+}  // namespace
+
+ForwardPass forward_pass(const NetSpec& net, Mode mode, const at::Tensor& x,
+                         at::TensorList weights,
+                         const c10::List<std::optional<at::Tensor>>& biases,
+                         at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
+                         bool keep) {
+  const int64_t B = net.batch, d = net.d, L = net.n_layers();
+  const int64_t P = n_pairs(mode, d);
+  const int64_t C = 1 + d + P;
+  ForwardPass fp;
+
+  // Layer 0: z_0 = x W_0^T (bias added in the step), T_0 = W_0 for every sample, S_0 = 0.
+  const at::Tensor w0t = weights[0].t().contiguous();  // [d, n_0]
+  at::Tensor z0 = at::mm(x, weights[0].t());            // [B, n_0]
+  at::Tensor act;                                       // [B, C, n_l] output of the step
+  at::Tensor state;                                     // [B, C, n_l] output of the GEMM
+
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t n = net.widths[l];
+    const std::optional<at::Tensor> bias_opt = biases.get(l);
+    const at::Tensor bias = (bias_opt.has_value() && bias_opt->defined())
+                                ? bias_opt->contiguous() : at::Tensor();
+    if (l > 0) {
+      const int64_t n_prev = net.widths[l - 1];
+      state = at::mm(act.view({B * C, n_prev}), weights[l].t()).view({B, C, n});
+    }
+    at::Tensor next = at::empty({B, C, n}, x.options());
+    at::Tensor s1 = at::empty({B, n}, x.options());
+    at::Tensor s2 = at::empty({B, n}, x.options());
+    const Stage st{act_codes.data() + net.stage_start[l], act_params.data() + 2 * net.stage_start[l],
+                   net.stage_size[l]};
+
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_jet_step_cpu", [&] {
+      const scalar_t* zp = l == 0 ? z0.data_ptr<scalar_t>() : state.data_ptr<scalar_t>();
+      const int64_t z_stride = l == 0 ? n : C * n;
+      // T rows: W_0^T shared by all samples at layer 0, else rows 1..d of the state.
+      const scalar_t* tp = l == 0 ? w0t.data_ptr<scalar_t>() : state.data_ptr<scalar_t>() + n;
+      const int64_t t_stride = l == 0 ? 0 : C * n;
+      const scalar_t* sp = (l == 0 || P == 0) ? nullptr : state.data_ptr<scalar_t>() + (1 + d) * n;
+      const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+      scalar_t* op = next.data_ptr<scalar_t>();
+      scalar_t* s1p = s1.data_ptr<scalar_t>();
+      scalar_t* s2p = s2.data_ptr<scalar_t>();
+      at::parallel_for(0, B, grain_for(C * n), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          jet_step_sample<scalar_t>(mode, n, d, st, zp + b * z_stride, bp, tp + b * t_stride,
+                                    sp ? sp + b * C * n : nullptr, op + b * C * n,
+                                    s1p + b * n, s2p + b * n);
+        }
+      });
+    });
+
+    if (keep) {
+      fp.jac.push_back(l == 0 ? w0t.unsqueeze(0).expand({B, d, n}) : state.narrow(1, 1, d));
+      fp.s1.push_back(s1);
+      fp.s2.push_back(s2);
+    }
+    act = next;
+  }
+  fp.out = act;
+  return fp;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_cpu(
+    const at::Tensor& x_in, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
+    at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
+    c10::string_view method) {
+  const NetSpec net = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
+                                   mode, method);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = net.batch, d = net.d, m = net.m();
+  at::Tensor value = at::empty({B, m}, x.options());
+  at::Tensor jac = at::empty({B, m, d}, x.options());
+  at::Tensor hess = at::empty(hessian_shape(net), x.options());
+
+  if (net.method == Method::Reverse) {
+    reverse_gram(net, x, weights, biases, act_codes, act_params, value, jac, hess);
+    return {value, jac, hess};
+  }
+
+  const ForwardPass fp = forward_pass(net, net.mode, x, weights, biases, act_codes, act_params,
+                                      /*keep=*/false);
+  const int64_t C = fp.out.size(1);
+  const int64_t hess_per_sample = B > 0 ? hess.numel() / B : 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_jet_unpack_cpu", [&] {
+    const scalar_t* cp = fp.out.data_ptr<scalar_t>();
+    scalar_t* vp = value.data_ptr<scalar_t>();
+    scalar_t* jp = jac.data_ptr<scalar_t>();
+    scalar_t* hp = hess.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_for(C * m), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        unpack_sample<scalar_t>(net.mode, m, d, cp + b * C * m, vp + b * m, jp + b * m * d,
+                                hess_per_sample ? hp + b * hess_per_sample : nullptr);
+      }
+    });
+  });
+  return {value, jac, hess};
+}
+
+}  // namespace
+
+}  // namespace cpu
+}  // namespace hessmlp
+
+TORCH_LIBRARY_IMPL(hessmlp, CPU, m) {
+  m.impl("mlp_jet", &hessmlp::cpu::mlp_jet_cpu);
+}

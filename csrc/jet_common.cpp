@@ -1,0 +1,104 @@
+#include "jet_common.h"
+
+#include "activations.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace hessmlp {
+
+Mode parse_mode(c10::string_view mode) {
+  if (mode == "full") return Mode::Full;
+  if (mode == "diag") return Mode::Diag;
+  if (mode == "trace") return Mode::Trace;
+  if (mode == "none") return Mode::None;
+  TORCH_CHECK_VALUE(false, "hessmlp: mode must be one of 'full', 'diag', 'trace', 'none', got '",
+                    std::string(mode), "'");
+}
+
+Method parse_method(c10::string_view method) {
+  if (method == "forward") return Method::Forward;
+  if (method == "reverse") return Method::Reverse;
+  TORCH_CHECK_VALUE(false, "hessmlp: method must be 'forward' or 'reverse', got '",
+                    std::string(method), "'");
+}
+
+NetSpec check_inputs(const at::Tensor& x,
+                     at::TensorList weights,
+                     const c10::List<std::optional<at::Tensor>>& biases,
+                     at::IntArrayRef stage_sizes,
+                     at::IntArrayRef act_codes,
+                     at::ArrayRef<double> act_params,
+                     c10::string_view mode,
+                     c10::string_view method) {
+  NetSpec net;
+  net.mode = parse_mode(mode);
+  net.method = parse_method(method);
+  TORCH_CHECK_VALUE(net.method == Method::Forward || net.mode == Mode::Full,
+                    "hessmlp: method 'reverse' computes the full Hessian only, got mode '",
+                    std::string(mode), "'");
+
+  TORCH_CHECK_VALUE(x.dim() == 2, "hessmlp: x must have shape [B, d], got ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "hessmlp: x must be float32 or float64, got ", x.scalar_type());
+  net.batch = x.size(0);
+  net.d = x.size(1);
+
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK_VALUE(L >= 1, "hessmlp: weights must hold at least one Linear weight");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == L, "hessmlp: biases must have ", L,
+                    " entries (one per weight, None for no bias), got ", biases.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(stage_sizes.size()) == L, "hessmlp: stage_sizes must have ",
+                    L, " entries (one per weight), got ", stage_sizes.size());
+
+  int64_t in = net.d;
+  int64_t start = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == in, "hessmlp: weights[", l,
+                      "] must have shape [n, ", in, "], got ", w.sizes());
+    TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "hessmlp: weights[", l, "] has dtype ",
+                     w.scalar_type(), " but x has dtype ", x.scalar_type());
+    TORCH_CHECK_VALUE(w.device() == x.device(), "hessmlp: weights[", l, "] is on ", w.device(),
+                      " but x is on ", x.device());
+    TORCH_CHECK_VALUE(w.size(0) >= 1, "hessmlp: weights[", l, "] has no output features");
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (b.has_value() && b->defined()) {
+      TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == w.size(0), "hessmlp: biases[", l,
+                        "] must have shape [", w.size(0), "], got ", b->sizes());
+      TORCH_CHECK_TYPE(b->scalar_type() == x.scalar_type(), "hessmlp: biases[", l,
+                       "] has dtype ", b->scalar_type(), " but x has dtype ", x.scalar_type());
+      TORCH_CHECK_VALUE(b->device() == x.device(), "hessmlp: biases[", l, "] is on ",
+                        b->device(), " but x is on ", x.device());
+    }
+    TORCH_CHECK_VALUE(stage_sizes[l] >= 0, "hessmlp: stage_sizes[", l, "] must be >= 0, got ",
+                      stage_sizes[l]);
+    net.widths.push_back(w.size(0));
+    net.stage_start.push_back(start);
+    net.stage_size.push_back(stage_sizes[l]);
+    start += stage_sizes[l];
+    in = w.size(0);
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(act_codes.size()) == start, "hessmlp: act_codes must have ",
+                    start, " entries (the sum of stage_sizes), got ", act_codes.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(act_params.size()) == 2 * start,
+                    "hessmlp: act_params must have ", 2 * start,
+                    " entries (two per activation code), got ", act_params.size());
+  for (int64_t k = 0; k < start; ++k) {
+    TORCH_CHECK_VALUE(act_codes[k] >= 0 && act_codes[k] < ACT_NUM_CODES, "hessmlp: act_codes[", k,
+                      "] = ", act_codes[k], " is not a known activation code (0..",
+                      ACT_NUM_CODES - 1, ")");
+  }
+  return net;
+}
+
+std::vector<int64_t> hessian_shape(const NetSpec& net) {
+  switch (net.mode) {
+    case Mode::Full: return {net.batch, net.m(), net.d, net.d};
+    case Mode::Diag: return {net.batch, net.m(), net.d};
+    case Mode::Trace: return {net.batch, net.m()};
+    default: return {net.batch, net.m(), 0};
+  }
+}
+
+}  // namespace hessmlp

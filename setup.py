@@ -1,0 +1,59 @@
+"""Build hessmlp's C++ (and, where a CUDA toolkit is present, CUDA) extension.
+
+CUDA is built when torch is a CUDA build and a CUDA toolkit is found, never
+because a GPU happens to be visible. Overrides: FORCE_CUDA=1, FORCE_ONLY_CPU=1.
+DEBUG=1 builds with -O0 -g, LINE_INFO=1 adds -lineinfo to nvcc.
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def use_cuda():
+    if _flag("FORCE_ONLY_CPU"):
+        return False
+    if _flag("FORCE_CUDA"):
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension():
+    debug = _flag("DEBUG")
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cuda_sources = rel("csrc/cuda/*.cu")
+    if use_cuda() and cuda_sources:
+        nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
+        nvcc += ["-std=c++17", "--expt-relaxed-constexpr"]
+        if _flag("LINE_INFO"):
+            nvcc.append("-lineinfo")
+        return CUDAExtension(
+            "hessmlp._C",
+            sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DHESSMLP_WITH_CUDA"], "nvcc": nvcc},
+            py_limited_api=True,
+        )
+    return CppExtension(
+        "hessmlp._C",
+        sources,
+        extra_compile_args={"cxx": cxx},
+        py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
