@@ -1,2 +1,13 @@
-import torch
-from . import _C
+"""hessmlp: exact closed-form input Hessians of fully-connected networks."""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401
+from . import _ops  # noqa: F401
+from ._spec import UnsupportedModelError, network_of
+from .api import Jet, hessian, hessian_diag, jacobian, jet, laplacian
+from .nn import MLP, Sine
+
+__version__ = "0.1.0"
+
+__all__ = ["hessian", "hessian_diag", "laplacian", "jacobian", "jet", "Jet", "MLP", "Sine",
+           "UnsupportedModelError", "network_of"]

@@ -1,0 +1,76 @@
+"""Which method forms the full Hessian, and how much memory a call needs.
+
+Both methods are exact. The cost model counts the work of each in units of a
+GEMM multiply-add (DESIGN.md §2, §3); elementwise passes over memory and the
+hand-written Gram loop are weighted by how much slower than a GEMM flop they
+run on a CPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+# Cost of touching one element in a fused elementwise pass, in GEMM multiply-adds.
+ELEMENTWISE_WEIGHT = 16.0
+# Cost of one multiply-add of the reverse-Gram loop, in GEMM multiply-adds.
+GRAM_WEIGHT = 4.0
+
+
+def _pairs(mode: str, d: int) -> int:
+    return {"full": d * (d + 1) // 2, "diag": d, "trace": 1}.get(mode, 0)
+
+
+def forward_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
+    """Work per sample of forward jets."""
+    P = _pairs(mode, d)
+    cols = 1 + d + P
+    gemm = d * widths[0] + sum(widths[l] * widths[l - 1] * cols for l in range(1, len(widths)))
+    elementwise = sum(n * (1 + d + 2 * P) for n in widths)
+    return gemm + ELEMENTWISE_WEIGHT * elementwise
+
+
+def reverse_cost(d: int, widths: Sequence[int]) -> float:
+    """Work per sample of reverse-Gram for the full Hessian of all m outputs."""
+    m = widths[-1]
+    P = d * (d + 1) // 2
+    gemm = d * widths[0] + sum(widths[l] * widths[l - 1] * (1 + d + m) for l in range(1, len(widths)))
+    elementwise = sum(n * (1 + d + 3 * m) for n in widths)
+    gram = sum(m * n * P for n in widths)
+    return gemm + ELEMENTWISE_WEIGHT * elementwise + GRAM_WEIGHT * gram
+
+
+def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str, itemsize: int) -> int:
+    """Peak memory of one call, outputs included (an estimate from above)."""
+    m = widths[-1]
+    out = B * m * (1 + d + {"full": d * d, "diag": d, "trace": 1}.get(mode, 0))
+    n_max = max(widths)
+    if method == "forward":
+        work = 4 * B * (1 + d + _pairs(mode, d)) * n_max
+    else:
+        work = sum(B * (2 + 2 * d) * n for n in widths) + 3 * B * m * n_max
+        work += B * m * (d * (d + 1) // 2) if d <= 32 else 2 * B * m * d * (n_max + d)
+    return (out + work) * itemsize
+
+
+def choose_method(d: int, widths: Sequence[int], mode: str) -> str:
+    if mode != "full":
+        return "forward"
+    return "reverse" if reverse_cost(d, widths) < forward_cost(d, widths, mode) else "forward"
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on ``device``, or None when it cannot be told."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        return None
+    return None

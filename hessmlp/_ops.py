@@ -1,0 +1,27 @@
+"""Python-side registrations of the hessmlp ops: fake (meta) kernels."""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: schemas and kernels)
+
+
+@torch.library.register_fake("hessmlp::mlp_jet")
+def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, method):
+    torch._check(x.dim() == 2, lambda: f"hessmlp: x must have shape [B, d], got {tuple(x.shape)}")
+    torch._check(len(weights) >= 1, lambda: "hessmlp: weights must hold at least one Linear weight")
+    B, d = x.shape
+    m = weights[-1].shape[0]
+    value = x.new_empty((B, m))
+    jac = x.new_empty((B, m, d))
+    if mode == "full":
+        shape = (B, m, d, d)
+    elif mode == "diag":
+        shape = (B, m, d)
+    elif mode == "trace":
+        shape = (B, m)
+    elif mode == "none":
+        shape = (B, m, 0)
+    else:
+        raise ValueError(f"hessmlp: mode must be one of 'full', 'diag', 'trace', 'none', got {mode!r}")
+    return value, jac, x.new_empty(shape)

@@ -1,0 +1,171 @@
+"""The public functions: hessian, hessian_diag, laplacian, jacobian, jet."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import _cost, _ops  # noqa: F401  (_ops registers the fake kernels)
+from ._spec import Network, network_of
+
+__all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian"]
+
+_MODES = {"full": "full", "diag": "diag", "trace": "trace", None: "none"}
+
+
+class Jet(NamedTuple):
+    """Value, Jacobian and (optionally) second-order part of a network at x.
+
+    value    (B, m)          or (B,) with output=k
+    jacobian (B, m, d)       or (B, d)
+    hessian  (B, m, d, d) | (B, m, d) | (B, m) for 'full' | 'diag' | 'trace', None if not asked;
+             the m dimension is dropped with output=k. Unbatched x drops B everywhere.
+    """
+    value: torch.Tensor
+    jacobian: torch.Tensor
+    hessian: Optional[torch.Tensor]
+
+
+def _check_x(x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"hessmlp: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (1, 2):
+        raise ValueError(f"hessmlp: x must have shape (d,) or (B, d), got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"hessmlp: x must be float32 or float64, got {x.dtype}; "
+                        "convert it with x.float() or x.double()")
+    return x
+
+
+def _check_network(net: Network, x: torch.Tensor) -> None:
+    d = x.shape[-1]
+    expected = net.weights[0].shape[1]
+    if d != expected:
+        raise ValueError(f"hessmlp: x has {d} features but {net.where[0]} (the first Linear) "
+                         f"expects in_features={expected}")
+    for l, (W, b, where) in enumerate(zip(net.weights, net.biases, net.where)):
+        for name, t in (("weight", W), ("bias", b)):
+            if t is None:
+                continue
+            if t.dtype != x.dtype:
+                raise TypeError(
+                    f"hessmlp: x is {x.dtype} but the {name} of {where} is {t.dtype}; convert one of "
+                    f"them (model.to({x.dtype}) or x.to({t.dtype}))")
+            if t.device != x.device:
+                raise ValueError(f"hessmlp: x is on {x.device} but the {name} of {where} is on "
+                                 f"{t.device}; move them to one device")
+        if l > 0 and W.shape[1] != net.weights[l - 1].shape[0]:
+            raise ValueError(
+                f"hessmlp: {where} expects in_features={W.shape[1]} but {net.where[l - 1]} produces "
+                f"{net.weights[l - 1].shape[0]} features")
+
+
+def _select_output(net: Network, output) -> Network:
+    if output is None:
+        return net
+    m = net.weights[-1].shape[0]
+    if isinstance(output, bool) or not isinstance(output, int):
+        raise TypeError(f"hessmlp: output must be an int (an index into the {m} outputs) or None, "
+                        f"got {type(output).__name__}")
+    if not -m <= output < m:
+        raise ValueError(f"hessmlp: output={output} is out of range for a model with {m} outputs")
+    k = output % m
+    b = net.biases[-1]
+    return Network(net.weights[:-1] + [net.weights[-1][k:k + 1]],
+                   net.biases[:-1] + [None if b is None else b[k:k + 1]], net.stages, net.where)
+
+
+def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Jet:
+    x = _check_x(x)
+    if hessian not in _MODES:
+        raise ValueError(f"hessmlp: hessian must be 'full', 'diag', 'trace' or None, got {hessian!r}")
+    mode = _MODES[hessian]
+    net = network_of(model)
+    _check_network(net, x)
+    net = _select_output(net, output)
+
+    batched = x.dim() == 2
+    xb = x if batched else x.unsqueeze(0)
+    B, d = xb.shape
+    widths = [W.shape[0] for W in net.weights]
+
+    if method not in ("auto", "forward", "reverse"):
+        raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
+    if method == "reverse" and mode != "full":
+        raise ValueError(f"hessmlp: method='reverse' computes the full Hessian only, not {hessian!r}")
+    itemsize = xb.element_size()
+    if method == "auto":
+        method = _cost.choose_method(d, widths, mode)
+        if mode == "full" and method == "forward":
+            # Prefer whichever fits when the cheaper one would not.
+            free = _cost.available_bytes(xb.device)
+            if free is not None and _cost.working_bytes(B, d, widths, mode, "forward", itemsize) > free:
+                method = "reverse"
+    _check_size(B, d, widths, mode, method, xb, output)
+
+    value, jac, hess = torch.ops.hessmlp.mlp_jet(
+        xb, net.weights, net.biases, net.stage_sizes, net.act_codes, net.act_params, mode, method)
+    if mode == "none":
+        hess = None
+    if output is not None:
+        value, jac = value[:, 0], jac[:, 0]
+        hess = None if hess is None else hess[:, 0]
+    if not batched:
+        value, jac = value[0], jac[0]
+        hess = None if hess is None else hess[0]
+    return Jet(value, jac, hess)
+
+
+def _check_size(B, d, widths, mode, method, x, output) -> None:
+    need = _cost.working_bytes(B, d, widths, mode, method, x.element_size())
+    free = _cost.available_bytes(x.device)
+    if free is None or need <= free:
+        return
+    m = widths[-1]
+    hint = "pass a smaller batch (split x and concatenate the results)"
+    if output is None and m > 1:
+        hint = f"select one output with output=k (the model has {m}), or " + hint
+    if mode == "full":
+        hint += ", or ask for hessian_diag / laplacian if that is all you need"
+    raise MemoryError(
+        f"hessmlp: this call needs about {need / 2**30:.2f} GiB on {x.device} (batch {B}, d={d}, "
+        f"{m} outputs, mode '{mode}', method '{method}') but only {free / 2**30:.2f} GiB is free; "
+        f"{hint}")
+
+
+def jet(model: nn.Module, x: torch.Tensor, hessian: Optional[str] = "full", output: Optional[int] = None,
+        method: str = "auto") -> Jet:
+    """Value, Jacobian and second derivatives of ``model`` at ``x`` in one pass.
+
+    Args:
+        model: nn.Sequential of Linear layers and elementwise activations, or a
+            module whose forward is such a chain (see the README).
+        x: (B, d) or (d,), float32 or float64.
+        hessian: 'full' (B, m, d, d), 'diag' (B, m, d), 'trace' (B, m) or None.
+        output: an int selects one output k and drops the m dimension.
+        method: 'auto' (default), 'forward' (forward jets) or 'reverse'
+            (reverse-Gram; full Hessian only). Both are exact.
+    """
+    return _run(model, x, hessian, output, method)
+
+
+def hessian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
+            method: str = "auto") -> torch.Tensor:
+    """d^2 y / dx^2: (B, m, d, d), (B, d, d) with output=k; unbatched x drops B."""
+    return _run(model, x, "full", output, method).hessian
+
+
+def hessian_diag(model: nn.Module, x: torch.Tensor, output: Optional[int] = None) -> torch.Tensor:
+    """d^2 y_k / dx_i^2: (B, m, d), (B, d) with output=k; unbatched x drops B."""
+    return _run(model, x, "diag", output, "forward").hessian
+
+
+def laplacian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None) -> torch.Tensor:
+    """Trace of the Hessian: (B, m), (B,) with output=k; unbatched x drops B."""
+    return _run(model, x, "trace", output, "forward").hessian
+
+
+def jacobian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None) -> torch.Tensor:
+    """dy/dx: (B, m, d), (B, d) with output=k; unbatched x drops B."""
+    return _run(model, x, None, output, "forward").jacobian
