@@ -36,7 +36,8 @@ enum ActCode : int {
   ACT_LEAKY_RELU = 9,  // p0 = negative_slope
   ACT_ELU = 10,        // p0 = alpha
   ACT_SIN = 11,        // sin(w0*z)          (p0 = w0)
-  ACT_NUM_CODES = 12
+  ACT_SQUARE = 12,     // z*z
+  ACT_NUM_CODES = 13
 };
 
 // Value and derivatives of a scalar function at one point.
@@ -55,7 +56,7 @@ HM_HD T hm_sigmoid(T z) {
   return e / (T(1) + e);
 }
 
-// Derivatives of the logistic function's shape, given sigma and q = sigma(1-sigma).
+// Value and first three derivatives of one elementwise function at z.
 template <typename T>
 HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
   Derivs<T> r{z, T(1), T(0), T(0)};
@@ -83,17 +84,21 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       break;
     }
     case ACT_SOFTPLUS: {
-      // PyTorch: z*beta > threshold ? z : log1p(exp(z*beta)) / beta
+      // PyTorch: z*beta > threshold ? z : log1p(exp(z*beta)) / beta. Its second
+      // derivative (softplus_double_backward) is nonzero only for z*beta < threshold,
+      // so exactly at the threshold s1 is smooth and s2 = s3 = 0, as in autograd.
       T bz = z * p0;
       if (bz > p1) {
         r.s = z;  // linear branch: s1 = 1, s2 = s3 = 0
       } else {
         T sg = hm_sigmoid(bz);
-        T q = sg * (T(1) - sg);
         r.s = HM_MATH(log1p)(HM_MATH(exp)(bz)) / p0;
         r.s1 = sg;
-        r.s2 = p0 * q;
-        r.s3 = p0 * p0 * q * (T(1) - T(2) * sg);
+        if (bz < p1) {
+          T q = sg * (T(1) - sg);
+          r.s2 = p0 * q;
+          r.s3 = p0 * p0 * q * (T(1) - T(2) * sg);
+        }
       }
       break;
     }
@@ -154,15 +159,18 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       }
       break;
     case ACT_ELU:
-      // PyTorch uses the exponential branch for z <= 0 in every derivative.
+      // PyTorch: the exponential branch for z <= 0 in the value and first
+      // derivative, for z < 0 only in the second (elu double backward).
       if (z > T(0)) {
         r.s = z;
       } else {
         T e = p0 * HM_MATH(exp)(z);
         r.s = e - p0;
         r.s1 = e;
-        r.s2 = e;
-        r.s3 = e;
+        if (z < T(0)) {
+          r.s2 = e;
+          r.s3 = e;
+        }
       }
       break;
     case ACT_SIN: {
@@ -174,6 +182,11 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       r.s3 = -p0 * p0 * p0 * cs;
       break;
     }
+    case ACT_SQUARE:
+      r.s = z * z;
+      r.s1 = T(2) * z;
+      r.s2 = T(2);
+      break;
     default:  // ACT_IDENTITY
       break;
   }

@@ -25,4 +25,9 @@ TORCH_LIBRARY(hessmlp, m) {
   m.def(
       "mlp_jet(Tensor x, Tensor[] weights, Tensor?[] biases, int[] stage_sizes, "
       "int[] act_codes, float[] act_params, str mode, str method) -> (Tensor, Tensor, Tensor)");
+
+  // One stage of elementwise functions and its first three derivatives at z,
+  // exactly as the jet kernels evaluate them (for tests of the shared math).
+  //   z [*], act_codes [k], act_params [2k]  ->  [4, *]: s, s1, s2, s3
+  m.def("stage_derivs(Tensor z, int[] act_codes, float[] act_params) -> Tensor");
 }

@@ -25,3 +25,8 @@ def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, 
     else:
         raise ValueError(f"hessmlp: mode must be one of 'full', 'diag', 'trace', 'none', got {mode!r}")
     return value, jac, x.new_empty(shape)
+
+
+@torch.library.register_fake("hessmlp::stage_derivs")
+def _stage_derivs_fake(z, act_codes, act_params):
+    return z.new_empty((4, *z.shape))

@@ -28,15 +28,15 @@ __all__ = ["UnsupportedModelError", "Act", "Network", "network_of", "ACT_CODES",
 # The contract with csrc/activations.h.
 ACT_CODES = {
     "identity": 0, "affine": 1, "tanh": 2, "sigmoid": 3, "softplus": 4, "silu": 5, "gelu": 6,
-    "gelu_tanh": 7, "relu": 8, "leaky_relu": 9, "elu": 10, "sin": 11,
+    "gelu_tanh": 7, "relu": 8, "leaky_relu": 9, "elu": 10, "sin": 11, "square": 12,
 }
 
 SUPPORTED = (
     "nn.Linear, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.SiLU, nn.GELU ('none' or 'tanh'), nn.ReLU, "
     "nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout (eval mode), hessmlp.Sine, nested nn.Sequential, "
     "the matching torch / torch.nn.functional calls and Tensor methods (tanh, sigmoid, softplus, "
-    "silu, gelu, relu, leaky_relu, elu, sin, F.linear), and multiplying, dividing, adding or "
-    "subtracting a constant scalar")
+    "silu, gelu, relu, leaky_relu, elu, sin, square, F.linear), squaring (h * h, h ** 2), and "
+    "multiplying, dividing, adding or subtracting a constant scalar")
 
 
 class UnsupportedModelError(ValueError):
@@ -173,6 +173,7 @@ _FUNCS = {
     "elu": (("alpha", "inplace"), {"alpha": 1.0, "inplace": False},
             lambda a: Act("elu", float(a["alpha"]))),
     "sin": ((), {}, lambda a: Act("sin", 1.0)),
+    "square": ((), {}, lambda a: Act("square")),
 }
 
 _FUNCTION_NAMES = {
@@ -180,7 +181,7 @@ _FUNCTION_NAMES = {
     F.softplus: "softplus", F.silu: "silu", F.gelu: "gelu", F.relu: "relu", torch.relu: "relu",
     F.leaky_relu: "leaky_relu", F.elu: "elu", torch.sin: "sin",
     torch.tanh_: "tanh", torch.sigmoid_: "sigmoid", torch.relu_: "relu", torch.sin_: "sin",
-    F.relu_: "relu", F.leaky_relu_: "leaky_relu", F.elu_: "elu",
+    F.relu_: "relu", F.leaky_relu_: "leaky_relu", F.elu_: "elu", torch.square: "square",
 }
 
 _ARITH = {
@@ -189,12 +190,13 @@ _ARITH = {
     operator.add: "add", operator.iadd: "add", torch.add: "add",
     operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
     operator.neg: "neg", torch.neg: "neg", operator.pos: "pos",
+    operator.pow: "pow", torch.pow: "pow",
 }
 _ARITH_METHODS = {"mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul",
                   "div": "div", "div_": "div", "__truediv__": "div", "true_divide": "div",
                   "add": "add", "add_": "add", "__add__": "add", "__radd__": "add",
                   "sub": "sub", "sub_": "sub", "__sub__": "sub", "__rsub__": "rsub",
-                  "neg": "neg", "neg_": "neg", "__neg__": "neg"}
+                  "neg": "neg", "neg_": "neg", "__neg__": "neg", "pow": "pow", "__pow__": "pow"}
 
 
 class _FxChain:
@@ -279,7 +281,7 @@ class _FxChain:
             if name in _ARITH_METHODS:
                 return [("act", where, self._affine(_ARITH_METHODS[name], args, kwargs, cur, node))]
             fname = name[:-1] if name.endswith("_") else name
-            if fname in ("tanh", "sigmoid", "relu", "sin"):
+            if fname in ("tanh", "sigmoid", "relu", "sin", "square"):
                 if len(args) != 1 or kwargs:
                     raise _refuse(where, f"Tensor.{name} with arguments")
                 return [("act", where, _FUNCS[fname][2]({}))]
@@ -330,6 +332,13 @@ class _FxChain:
 
     def _affine(self, op, args, kwargs, cur, node) -> Act:
         where = self._where(node)
+        if op == "mul" and len(args) == 2 and args[0] is cur and args[1] is cur and not kwargs:
+            return Act("square")
+        if op == "pow":
+            if len(args) == 2 and args[0] is cur and not kwargs and not isinstance(args[1], fx.Node) \
+                    and not isinstance(args[1], bool) and args[1] in (1, 2):
+                return Act("square") if args[1] == 2 else Act("identity")
+            raise _refuse(where, "a power other than h ** 2")
         if op in ("neg", "pos"):
             if len(args) != 1 or kwargs:
                 raise _refuse(where, "negation with extra arguments")

@@ -1,0 +1,136 @@
+"""Pure-PyTorch reference of the closed form that the C++ kernels compute.
+
+Same math, written with plain torch ops on the flat network description:
+forward jets (DESIGN.md §2) for every mode and reverse-Gram (§3) for the full
+Hessian. The elementwise functions' derivatives come from autograd applied to
+the real torch functions, so the kernels' hand-written derivative formulas are
+checked against an independent source. Slow; for tests and debugging.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._spec import Act, Network, network_of
+
+__all__ = ["act_function", "stage_derivatives", "jet_forward", "hessian_reverse", "jet_of_model"]
+
+
+def act_function(a: Act):
+    """The torch function of one elementwise function of the chain."""
+    return {
+        "identity": lambda z: z,
+        "affine": lambda z: a.p0 * z + a.p1,
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+        "softplus": lambda z: F.softplus(z, beta=a.p0, threshold=a.p1),
+        "silu": F.silu,
+        "gelu": lambda z: F.gelu(z, approximate="none"),
+        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+        "relu": F.relu,
+        "leaky_relu": lambda z: F.leaky_relu(z, a.p0),
+        "elu": lambda z: F.elu(z, a.p0),
+        "sin": lambda z: torch.sin(a.p0 * z),
+        "square": torch.square,
+    }[a.name]
+
+
+def stage_derivatives(stage: Sequence[Act], z: torch.Tensor):
+    """s, s1, s2, s3 of a stage (its functions applied in order) at z, elementwise, by autograd."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        y = zz
+        for a in stage:
+            y = act_function(a)(y)
+        out = [y]
+        cur = y
+        for _ in range(3):
+            if not cur.requires_grad:
+                out.append(torch.zeros_like(z))
+                cur = out[-1]
+                continue
+            (g,) = torch.autograd.grad(cur.sum(), zz, create_graph=True, allow_unused=True)
+            g = torch.zeros_like(z) if g is None else g
+            out.append(g)
+            cur = g
+    return [o.detach() for o in out]
+
+
+def _pairs(mode: str, d: int):
+    if mode == "full":
+        return [(i, j) for i in range(d) for j in range(i, d)]
+    if mode == "diag":
+        return [(i, i) for i in range(d)]
+    return []
+
+
+def jet_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                stages: List[List[Act]], mode: str = "full"):
+    """Forward jets. x (B, d) -> value (B, m), jacobian (B, m, d), hessian in mode's shape."""
+    B, d = x.shape
+    pairs = _pairs(mode, d)
+    z = x @ weights[0].T + (0 if biases[0] is None else biases[0])
+    T = weights[0].expand(B, *weights[0].shape)                       # (B, n, d)
+    S = x.new_zeros(B, weights[0].shape[0], max(len(pairs), 1))       # (B, n, P)
+    for l in range(len(weights)):
+        if l > 0:
+            W, b = weights[l], biases[l]
+            z = u @ W.T + (0 if b is None else b)
+            T = torch.einsum("oi,bid->bod", W, U)
+            S = torch.einsum("oi,bip->bop", W, V)
+        s, s1, s2, _ = stage_derivatives(stages[l], z)
+        if mode == "trace":
+            phi = (T * T).sum(-1, keepdim=True)
+        elif pairs:
+            i, j = zip(*pairs)
+            phi = T[:, :, list(i)] * T[:, :, list(j)]
+        else:
+            phi = torch.zeros_like(S)
+        u = s
+        U = s1.unsqueeze(-1) * T
+        V = s2.unsqueeze(-1) * phi + s1.unsqueeze(-1) * S
+    value, jac = u, U
+    if mode == "full":
+        H = x.new_zeros(B, u.shape[1], d, d)
+        for p, (i, j) in enumerate(pairs):
+            H[:, :, i, j] = V[:, :, p]
+            H[:, :, j, i] = V[:, :, p]
+        return value, jac, H
+    if mode == "diag":
+        return value, jac, V
+    if mode == "trace":
+        return value, jac, V[:, :, 0]
+    return value, jac, None
+
+
+def hessian_reverse(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                    stages: List[List[Act]]) -> torch.Tensor:
+    """Reverse-Gram: H[k] = sum_l T_l^T diag(g_l^k s2_l) T_l. x (B, d) -> (B, m, d, d)."""
+    B, d = x.shape
+    zs, Ts, a = [], [], x
+    T = None
+    for l, (W, b) in enumerate(zip(weights, biases)):
+        z = a @ W.T + (0 if b is None else b)
+        T = W.expand(B, *W.shape) if l == 0 else torch.einsum("oi,bid->bod", W, U)
+        s, s1, s2, _ = stage_derivatives(stages[l], z)
+        zs.append((s1, s2))
+        Ts.append(T)
+        a, U = s, s1.unsqueeze(-1) * T
+    m = weights[-1].shape[0]
+    g = torch.eye(m, dtype=x.dtype, device=x.device).expand(B, m, m)   # dy_k / da_L
+    H = x.new_zeros(B, m, d, d)
+    for l in reversed(range(len(weights))):
+        s1, s2 = zs[l]
+        w = g * s2.unsqueeze(1)                                         # (B, m, n)
+        H = H + torch.einsum("bnd,bkn,bne->bkde", Ts[l], w, Ts[l])
+        if l > 0:
+            g = (g * s1.unsqueeze(1)) @ weights[l]
+    return H
+
+
+def jet_of_model(model, x: torch.Tensor, mode: str = "full"):
+    """jet_forward on a model's flat description (batched x)."""
+    net: Network = network_of(model)
+    return jet_forward(x, net.weights, net.biases, net.stages, mode)
