@@ -123,6 +123,9 @@ def _module_steps(m: nn.Module, where: str) -> List[Step]:
         for name, child in m.named_children():
             steps += _module_steps(child, f"{where}[{name}]")
         return steps
+    if not type(m).__module__.startswith("torch."):
+        # A user's own module inside a Sequential: its forward must be a chain too.
+        return _FxChain(m, where).steps()
     raise _refuse(where, f"{type(m).__name__}")
 
 
@@ -214,6 +217,8 @@ class _FxChain:
     def _where(self, node: fx.Node) -> str:
         if node.op == "call_module":
             return f"{self.name}.{node.target} ({type(self.model.get_submodule(node.target)).__name__})"
+        if node.op == "call_method":
+            return f"node '{node.name}' (Tensor.{node.target}) of {self.name}.forward"
         target = getattr(node.target, "__name__", str(node.target))
         return f"node '{node.name}' ({target}) of {self.name}.forward"
 

@@ -1,0 +1,116 @@
+"""Every public function, mode and method against torch.func on random networks."""
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import hessmlp
+from hessmlp import reference
+
+from helpers import ACTIVATIONS, DEVICES, DTYPES, assert_rel_close, func_reference, random_mlp
+
+ACT = dict(ACTIVATIONS)
+
+
+def _configs():
+    """Random (d, widths, m, bias, final_act) covering depth 1-5, widths 1-64, d 1-8, m 1-4."""
+    rng = random.Random(1234)
+    out = []
+    for depth in range(1, 6):
+        for _ in range(2):
+            d = rng.randint(1, 8)
+            widths = [rng.choice([1, 2, 5, 16, 33, 64]) for _ in range(depth - 1)]
+            out.append((d, widths, rng.randint(1, 4), rng.random() < 0.7, rng.random() < 0.3))
+    return out
+
+
+CONFIGS = _configs()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", [a for a, _ in ACTIVATIONS])
+def test_all_modes_against_torch_func(act, dtype, device):
+    for i, (d, widths, m, bias, final_act) in enumerate(CONFIGS):
+        model = random_mlp(d, widths, m, ACT[act], bias=bias, dtype=dtype, device=device, seed=i,
+                           final_act=final_act)
+        x = torch.randn(5, d, dtype=dtype, device=device)
+        value, jac, hess = func_reference(model, x)
+        tag = f"{act} d={d} widths={widths} m={m} bias={bias} final_act={final_act}"
+        for method in ("forward", "reverse"):
+            r = hessmlp.jet(model, x, hessian="full", method=method)
+            assert_rel_close(r.value, value, dtype, f"value {method} {tag}")
+            assert_rel_close(r.jacobian, jac, dtype, f"jacobian {method} {tag}")
+            assert_rel_close(r.hessian, hess, dtype, f"hessian {method} {tag}")
+        assert_rel_close(hessmlp.hessian(model, x), hess, dtype, f"hessian auto {tag}")
+        diag = hess.diagonal(dim1=-2, dim2=-1)
+        assert_rel_close(hessmlp.hessian_diag(model, x), diag, dtype, f"diag {tag}")
+        assert_rel_close(hessmlp.laplacian(model, x), diag.sum(-1), dtype, f"trace {tag}")
+        assert_rel_close(hessmlp.jacobian(model, x), jac, dtype, f"jacobian {tag}")
+        for mode in ("diag", "trace", None):
+            r = hessmlp.jet(model, x, hessian=mode)
+            assert_rel_close(r.value, value, dtype, f"jet value {mode} {tag}")
+            assert_rel_close(r.jacobian, jac, dtype, f"jet jacobian {mode} {tag}")
+            if mode is None:
+                assert r.hessian is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_output_selection_and_unbatched(dtype):
+    model = random_mlp(4, [16, 16], 3, nn.Tanh, dtype=dtype)
+    x = torch.randn(6, 4, dtype=dtype)
+    value, jac, hess = func_reference(model, x)
+    for k in (0, 2, -1):
+        for method in ("forward", "reverse"):
+            assert_rel_close(hessmlp.hessian(model, x, output=k, method=method), hess[:, k], dtype, f"k={k}")
+        assert_rel_close(hessmlp.hessian_diag(model, x, output=k), hess[:, k].diagonal(dim1=-2, dim2=-1),
+                         dtype)
+        assert_rel_close(hessmlp.laplacian(model, x, output=k),
+                         hess[:, k].diagonal(dim1=-2, dim2=-1).sum(-1), dtype)
+        assert_rel_close(hessmlp.jacobian(model, x, output=k), jac[:, k], dtype)
+        r = hessmlp.jet(model, x, output=k)
+        assert_rel_close(r.value, value[:, k], dtype)
+    # unbatched input drops B everywhere
+    x1 = x[2]
+    assert_rel_close(hessmlp.hessian(model, x1), hess[2], dtype)
+    assert_rel_close(hessmlp.hessian(model, x1, output=1), hess[2, 1], dtype)
+    assert_rel_close(hessmlp.hessian_diag(model, x1), hess[2].diagonal(dim1=-2, dim2=-1), dtype)
+    assert_rel_close(hessmlp.laplacian(model, x1), hess[2].diagonal(dim1=-2, dim2=-1).sum(-1), dtype)
+    assert_rel_close(hessmlp.jacobian(model, x1), jac[2], dtype)
+    r = hessmlp.jet(model, x1, hessian="trace", output=0)
+    assert r.value.shape == () and r.jacobian.shape == (4,) and r.hessian.shape == ()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_implementation_matches_torch_func(dtype):
+    model = random_mlp(3, [12, 7], 2, nn.SiLU, dtype=dtype)
+    x = torch.randn(4, 3, dtype=dtype)
+    value, jac, hess = func_reference(model, x)
+    net = hessmlp.network_of(model)
+    v, j, h = reference.jet_forward(x, net.weights, net.biases, net.stages, "full")
+    assert_rel_close(v, value, dtype)
+    assert_rel_close(j, jac, dtype)
+    assert_rel_close(h, hess, dtype)
+    assert_rel_close(reference.hessian_reverse(x, net.weights, net.biases, net.stages), hess, dtype)
+    _, _, t = reference.jet_forward(x, net.weights, net.biases, net.stages, "trace")
+    assert_rel_close(t, hess.diagonal(dim1=-2, dim2=-1).sum(-1), dtype)
+
+
+def test_large_d_uses_gemm_gram():
+    # d above the fused-loop limit takes the batched-GEMM branch of reverse-Gram.
+    model = random_mlp(40, [24, 24], 2, nn.Tanh)
+    x = torch.randn(3, 40, dtype=torch.float64)
+    _, _, hess = func_reference(model, x)
+    assert_rel_close(hessmlp.hessian(model, x, method="reverse"), hess, torch.float64)
+    assert_rel_close(hessmlp.hessian(model, x, method="forward"), hess, torch.float64)
+
+
+def test_hessian_is_symmetric_and_dtype_preserved():
+    model = random_mlp(5, [20], 2, nn.GELU, dtype=torch.float32)
+    x = torch.randn(8, 5)
+    for method in ("forward", "reverse"):
+        H = hessmlp.hessian(model, x, method=method)
+        assert H.dtype == torch.float32
+        assert torch.equal(H, H.transpose(-1, -2))
