@@ -1,0 +1,150 @@
+"""Bad input gets a clear exception naming the argument; edge cases give the right shapes."""
+import pytest
+import torch
+from torch import nn
+
+import hessmlp
+from hessmlp import _cost
+
+from helpers import assert_rel_close, func_reference, random_mlp
+
+f64 = torch.float64
+
+
+@pytest.fixture
+def model():
+    return random_mlp(3, [8], 2, nn.Tanh)
+
+
+def test_x_must_be_tensor(model):
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        hessmlp.hessian(model, [[0.0, 1.0, 2.0]])
+
+
+@pytest.mark.parametrize("shape", [(), (2, 3, 3), (1, 1, 2, 3)])
+def test_x_dims(model, shape):
+    with pytest.raises(ValueError, match=r"x must have shape \(d,\) or \(B, d\)"):
+        hessmlp.hessian(model, torch.zeros(shape, dtype=f64))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bfloat16, torch.bool, torch.complex128])
+def test_x_dtype(model, dtype):
+    with pytest.raises(TypeError, match="x must be float32 or float64"):
+        hessmlp.laplacian(model, torch.zeros(2, 3, dtype=dtype))
+
+
+def test_wrong_feature_count(model):
+    with pytest.raises(ValueError, match=r"x has 5 features but model\[0\].*in_features=3"):
+        hessmlp.hessian(model, torch.zeros(2, 5, dtype=f64))
+
+
+def test_mismatched_dtype(model):
+    with pytest.raises(TypeError, match=r"x is torch.float32 but the weight of model\[0\] is torch.float64"):
+        hessmlp.hessian(model, torch.zeros(2, 3))
+
+
+def test_mixed_devices(model):
+    with pytest.raises(ValueError, match=r"x is on meta but the weight of model\[0\] is on cpu"):
+        hessmlp.hessian(model, torch.zeros(2, 3, dtype=f64, device="meta"))
+
+
+def test_inconsistent_layers():
+    bad = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(5, 1)).double()
+    with pytest.raises(ValueError, match=r"model\[2\] expects in_features=5 but model\[0\] produces 4"):
+        hessmlp.hessian(bad, torch.zeros(2, 3, dtype=f64))
+
+
+@pytest.mark.parametrize("output, exc, match", [
+    (2, ValueError, "output=2 is out of range for a model with 2 outputs"),
+    (-3, ValueError, "out of range"),
+    (1.0, TypeError, "output must be an int"),
+    (True, TypeError, "output must be an int"),
+    (torch.tensor(1), TypeError, "output must be an int"),
+])
+def test_bad_output(model, output, exc, match):
+    with pytest.raises(exc, match=match):
+        hessmlp.hessian(model, torch.zeros(2, 3, dtype=f64), output=output)
+
+
+def test_bad_mode_and_method(model):
+    x = torch.zeros(2, 3, dtype=f64)
+    with pytest.raises(ValueError, match="hessian must be 'full', 'diag', 'trace' or None"):
+        hessmlp.jet(model, x, hessian="upper")
+    with pytest.raises(ValueError, match="method must be 'auto', 'forward' or 'reverse'"):
+        hessmlp.hessian(model, x, method="fast")
+    with pytest.raises(ValueError, match="method='reverse' computes the full Hessian only"):
+        hessmlp.jet(model, x, hessian="trace", method="reverse")
+
+
+def test_op_checks_name_arguments():
+    x = torch.zeros(2, 3, dtype=f64)
+    w = [torch.zeros(4, 3, dtype=f64), torch.zeros(1, 5, dtype=f64)]
+    with pytest.raises(ValueError, match=r"weights\[1\] must have shape \[n, 4\]"):
+        torch.ops.hessmlp.mlp_jet(x, w, [None, None], [1, 0], [2], [0.0, 0.0], "full", "forward")
+    w[1] = torch.zeros(1, 4)
+    with pytest.raises(TypeError, match=r"weights\[1\] has dtype Float but x has dtype Double"):
+        torch.ops.hessmlp.mlp_jet(x, w, [None, None], [1, 0], [2], [0.0, 0.0], "full", "forward")
+    w[1] = torch.zeros(1, 4, dtype=f64)
+    with pytest.raises(ValueError, match=r"biases\[0\] must have shape \[4\]"):
+        torch.ops.hessmlp.mlp_jet(x, w, [torch.zeros(3, dtype=f64), None], [1, 0], [2], [0.0, 0.0], "full",
+                                  "forward")
+    with pytest.raises(ValueError, match="act_codes must have 1 entries"):
+        torch.ops.hessmlp.mlp_jet(x, w, [None, None], [1, 0], [], [], "full", "forward")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        torch.ops.hessmlp.mlp_jet(x, w, [None, None], [1, 0], [2], [0.0, 0.0], "upper", "forward")
+    with pytest.raises(ValueError, match="'reverse' computes the full Hessian only"):
+        torch.ops.hessmlp.mlp_jet(x, w, [None, None], [1, 0], [2], [0.0, 0.0], "diag", "reverse")
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_empty_batch(model, method):
+    x = torch.zeros(0, 3, dtype=f64)
+    r = hessmlp.jet(model, x, method=method)
+    assert r.value.shape == (0, 2) and r.jacobian.shape == (0, 2, 3) and r.hessian.shape == (0, 2, 3, 3)
+    assert hessmlp.laplacian(model, x).shape == (0, 2)
+    assert hessmlp.hessian_diag(model, x, output=1).shape == (0, 3)
+
+
+def test_non_contiguous_x(model):
+    base = torch.randn(3, 10, dtype=f64)
+    x = base[:, ::3]  # (3, 4) strided ...
+    x = x[:, :3]      # (3, 3), not contiguous
+    assert not x.is_contiguous()
+    _, _, hess = func_reference(model, x.contiguous())
+    for method in ("forward", "reverse"):
+        assert_rel_close(hessmlp.hessian(model, x, method=method), hess, f64)
+    xt = torch.randn(3, 5, dtype=f64).t()  # (5, 3) transposed
+    assert_rel_close(hessmlp.laplacian(model, xt),
+                     func_reference(model, xt.contiguous())[2].diagonal(dim1=-2, dim2=-1).sum(-1), f64)
+
+
+def test_non_contiguous_weights():
+    model = random_mlp(3, [6], 1, nn.Tanh)
+    with torch.no_grad():
+        w = model[0].weight.detach().clone()
+    model[0].weight = nn.Parameter(w.t().contiguous().t())  # same values, column-major
+    assert not model[0].weight.is_contiguous()
+    x = torch.randn(4, 3, dtype=f64)
+    assert_rel_close(hessmlp.hessian(model, x), func_reference(model, x)[2], f64)
+
+
+def test_huge_request_is_refused_before_allocating(monkeypatch, model):
+    monkeypatch.setattr(_cost, "available_bytes", lambda device: 10_000)
+    with pytest.raises(MemoryError, match=r"needs about .* GiB .* output=k .* smaller batch"):
+        hessmlp.hessian(model, torch.zeros(1000, 3, dtype=f64))
+    with pytest.raises(MemoryError, match="smaller batch"):
+        hessmlp.hessian(model, torch.zeros(1000, 3, dtype=f64), output=0)
+
+
+def test_huge_forum_case_is_refused():
+    # 784 inputs, 10 outputs, a batch of 4096: 4096 * 10 * 784 * 784 doubles = 188 GiB.
+    model = nn.Sequential(nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10))
+    with pytest.raises(MemoryError, match="GiB"):
+        hessmlp.hessian(model, torch.zeros(4096, 784))
+
+
+def test_auto_method_picks_by_cost():
+    assert _cost.choose_method(3, [128, 128, 128, 1], "full") in ("forward", "reverse")
+    assert _cost.choose_method(3, [128, 1], "trace") == "forward"
+    # many inputs, one output: reverse-Gram is far cheaper
+    assert _cost.choose_method(784, [512, 512, 1], "full") == "reverse"
