@@ -30,3 +30,16 @@ def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, 
 @torch.library.register_fake("hessmlp::stage_derivs")
 def _stage_derivs_fake(z, act_codes, act_params):
     return z.new_empty((4, *z.shape))
+
+
+def _no_backward(ctx, *grads):
+    raise NotImplementedError(
+        "hessmlp: differentiating through hessmlp's results (backward w.r.t. x or the model's "
+        "parameters) is not implemented in this version. Compute them under torch.no_grad() or on "
+        "detached inputs, or use torch.func for training losses until the backward lands.")
+
+
+# Until the exact backward is registered, a backward call must fail loudly instead of
+# PyTorch's fallback, which silently treats the op as constant.
+torch.library.register_autograd("hessmlp::mlp_jet", _no_backward)
+torch.library.register_autograd("hessmlp::stage_derivs", _no_backward)

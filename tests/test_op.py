@@ -47,3 +47,13 @@ def test_opcheck_stage_derivs():
     torch.library.opcheck(torch.ops.hessmlp.stage_derivs.default,
                           (torch.randn(3, 4, dtype=torch.float64), [2, 1], [0.0, 0.0, 2.0, 1.0]),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backward_fails_loudly_until_implemented():
+    model = hessmlp.MLP(2, [4], 1).double()
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    L = hessmlp.laplacian(model, x)
+    with pytest.raises(NotImplementedError, match="not implemented in this version"):
+        L.sum().backward()
+    with torch.no_grad():
+        assert not hessmlp.laplacian(model, x).requires_grad
