@@ -379,6 +379,8 @@ _FX_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 def _steps_of(model: nn.Module) -> List[Step]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
+    # torch.compile(model) wraps the module; its parameters are the original's.
+    model = getattr(model, "_orig_mod", model)
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
         return _module_steps(model, "model")
     if type(model) in _DIRECT:

@@ -1,6 +1,7 @@
 """The public functions: hessian, hessian_diag, laplacian, jacobian, jet."""
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -65,15 +66,26 @@ def _select_output(net: Network, output) -> Network:
     if output is None:
         return net
     m = net.weights[-1].shape[0]
-    if isinstance(output, bool) or not isinstance(output, int):
+    if isinstance(output, bool) or not isinstance(output, numbers.Integral):
         raise TypeError(f"hessmlp: output must be an int (an index into the {m} outputs) or None, "
                         f"got {type(output).__name__}")
     if not -m <= output < m:
         raise ValueError(f"hessmlp: output={output} is out of range for a model with {m} outputs")
+    output = int(output)
     k = output % m
     b = net.biases[-1]
     return Network(net.weights[:-1] + [net.weights[-1][k:k + 1]],
                    net.biases[:-1] + [None if b is None else b[k:k + 1]], net.stages, net.where)
+
+
+def _check_backend(x: torch.Tensor) -> None:
+    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(x.device.type)
+    if key is None or (key != "Meta" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "hessmlp::mlp_jet", key)):
+        raise NotImplementedError(
+            f"hessmlp: this build has no kernel for tensors on {x.device} (built for: "
+            f"{', '.join(k for k in ('CPU', 'CUDA') if torch._C._dispatch_has_kernel_for_dispatch_key('hessmlp::mlp_jet', k))}); "
+            "move the model and x to the CPU")
 
 
 def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Jet:
@@ -83,6 +95,7 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     mode = _MODES[hessian]
     net = network_of(model)
     _check_network(net, x)
+    _check_backend(x)
     net = _select_output(net, output)
 
     batched = x.dim() == 2

@@ -59,7 +59,8 @@ def test_inconsistent_layers():
     (-3, ValueError, "out of range"),
     (1.0, TypeError, "output must be an int"),
     (True, TypeError, "output must be an int"),
-    (torch.tensor(1), TypeError, "output must be an int"),
+    (torch.tensor(1.0), TypeError, "output must be an int"),
+    ("1", TypeError, "output must be an int"),
 ])
 def test_bad_output(model, output, exc, match):
     with pytest.raises(exc, match=match):
@@ -148,3 +149,27 @@ def test_auto_method_picks_by_cost():
     assert _cost.choose_method(3, [128, 1], "trace") == "forward"
     # many inputs, one output: reverse-Gram is far cheaper
     assert _cost.choose_method(784, [512, 512, 1], "full") == "reverse"
+
+
+def test_numpy_integer_output(model):
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 3, dtype=f64)
+    assert torch.equal(hessmlp.hessian(model, x, output=np.int64(1)), hessmlp.hessian(model, x, output=1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only build's message")
+def test_cuda_tensors_without_cuda_kernels_are_refused_clearly():
+    # No GPU here: a stand-in with a CUDA device reaches the backend check.
+    class FakeCudaTensor:
+        device = torch.device("cuda", 0)
+
+    from hessmlp import api
+    with pytest.raises(NotImplementedError, match=r"no kernel for tensors on cuda:0 \(built for: CPU\)"):
+        api._check_backend(FakeCudaTensor())
+
+
+def test_compiled_model_wrapper_is_unwrapped():
+    model = random_mlp(3, [8], 1, nn.Tanh)
+    x = torch.randn(4, 3, dtype=f64)
+    wrapped = torch.compile(model)
+    assert torch.equal(hessmlp.hessian(wrapped, x), hessmlp.hessian(model, x))
