@@ -29,13 +29,13 @@ def use_cuda():
 def extension():
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    cxx += ["-DPy_LIMITED_API=0x03090000"]  # the C++ standard is the one torch asks for
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cuda_sources = rel("csrc/cuda/*.cu")
     if use_cuda() and cuda_sources:
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
-        nvcc += ["-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc += ["--expt-relaxed-constexpr"]
         if _flag("LINE_INFO"):
             nvcc.append("-lineinfo")
         return CUDAExtension(
