@@ -279,8 +279,7 @@ class _FxChain:
             if len(args) != 1 or args[0] is not cur or kwargs:
                 raise _refuse(where, "a module call with extra arguments")
             mod = self.model.get_submodule(node.target)
-            steps = _module_steps(mod, where)
-            return steps
+            return _module_steps(mod, where)
         if node.op == "call_method":
             name = node.target
             if name in _ARITH_METHODS:
@@ -432,7 +431,7 @@ def network_of(model: nn.Module) -> Network:
         shift = c * W0.sum(dim=1)
         weights[0] = a * W0
         biases[0] = shift if b0 is None else b0 + shift
-    # Linear layers with identity-only stages between them stay separate layers.
+    # Drop no-op affine maps (e.g. "h * 1"); an empty stage is the identity in the kernels.
     for s in stages:
         s[:] = [a for a in s if not (a.name == "affine" and a.p0 == 1.0 and a.p1 == 0.0)]
     return Network(weights, biases, stages, where)
