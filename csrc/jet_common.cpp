@@ -101,4 +101,41 @@ std::vector<int64_t> hessian_shape(const NetSpec& net) {
   }
 }
 
+namespace {
+
+void check_like(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape,
+                const at::Tensor& x) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK_VALUE(t->sizes() == shape, "hessmlp: ", name, " must have shape ", shape, ", got ",
+                    t->sizes());
+  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "hessmlp: ", name, " has dtype ",
+                   t->scalar_type(), " but x has dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(t->device() == x.device(), "hessmlp: ", name, " is on ", t->device(),
+                    " but x is on ", x.device());
+}
+
+}  // namespace
+
+void check_backward_inputs(const NetSpec& net, const at::Tensor& x,
+                           const std::optional<at::Tensor>& grad_value,
+                           const std::optional<at::Tensor>& grad_jacobian,
+                           const std::optional<at::Tensor>& grad_hessian,
+                           at::TensorList state) {
+  const int64_t B = net.batch, d = net.d, m = net.m();
+  check_like(grad_value, "grad_value", {B, m}, x);
+  check_like(grad_jacobian, "grad_jacobian", {B, m, d}, x);
+  check_like(grad_hessian, "grad_hessian", hessian_shape(net), x);
+  if (state.empty()) return;
+  const int64_t L = net.n_layers();
+  TORCH_CHECK_VALUE(static_cast<int64_t>(state.size()) == L, "hessmlp: state must be empty or have ",
+                    L, " entries (one per weight, as mlp_jet returns it), got ", state.size());
+  const int64_t C = 1 + d + net.pairs();
+  for (int64_t l = 0; l < L; ++l) {
+    std::vector<int64_t> shape{B, net.widths[l]};
+    if (l > 0) shape = {B, C, net.widths[l]};
+    const std::string name = "state[" + std::to_string(l) + "]";
+    check_like(state[l], name.c_str(), shape, x);
+  }
+}
+
 }  // namespace hessmlp

@@ -63,4 +63,13 @@ NetSpec check_inputs(const at::Tensor& x,
 // hessian (B, m, d, d) | (B, m, d) | (B, m) | (B, m, 0) for full | diag | trace | none.
 std::vector<int64_t> hessian_shape(const NetSpec& net);
 
+// Checks the arguments of mlp_jet_backward that mlp_jet does not have: each
+// upstream gradient (None or the shape of the output it belongs to) and the
+// saved state (empty, or one entry per Linear in the layout mlp_jet returns).
+void check_backward_inputs(const NetSpec& net, const at::Tensor& x,
+                           const std::optional<at::Tensor>& grad_value,
+                           const std::optional<at::Tensor>& grad_jacobian,
+                           const std::optional<at::Tensor>& grad_hessian,
+                           at::TensorList state);
+
 }  // namespace hessmlp

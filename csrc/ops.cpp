@@ -21,10 +21,29 @@ TORCH_LIBRARY(hessmlp, m) {
   //   act_params  [2 * sum(stage_sizes)]  two parameters per function
   //   mode        'full' | 'diag' | 'trace' | 'none'
   //   method      'forward' (jets, any mode) | 'reverse' (reverse-Gram, full only)
-  // returns value [B, m], jacobian [B, m, d], hessian [B, m, d, d] | [B, m, d] | [B, m] | [B, m, 0]
+  //   save_state  keep what mlp_jet_backward needs (forward method only)
+  // returns value [B, m], jacobian [B, m, d], hessian [B, m, d, d] | [B, m, d] | [B, m] | [B, m, 0],
+  // and the saved state: empty unless save_state and method 'forward', else one entry
+  // per Linear l, its output before bias and stage: [B, n_0] for l = 0 (x W_0^T),
+  // [B, 1 + d + P, n_l] for l > 0 (value, d first-derivative and P second-order rows;
+  // P = d(d+1)/2 | d | 1 | 0 for full | diag | trace | none).
   m.def(
       "mlp_jet(Tensor x, Tensor[] weights, Tensor?[] biases, int[] stage_sizes, "
-      "int[] act_codes, float[] act_params, str mode, str method) -> (Tensor, Tensor, Tensor)");
+      "int[] act_codes, float[] act_params, str mode, str method, bool save_state=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor[])");
+
+  // The adjoint of mlp_jet (DESIGN.md §4): gradients of a loss w.r.t. x, the
+  // weights and the biases, given its gradients w.r.t. mlp_jet's value,
+  // jacobian and hessian (None = zero). The forward-jet adjoint serves both methods.
+  //   state        mlp_jet's saved state, or [] to recompute it
+  //   output_mask  which of (x, weights, biases) to compute
+  // returns grad_x [B, d], grad_weights[l] like weights[l], grad_biases[l] [n_l];
+  // an entry that is not asked for (or a bias that is None) is an empty tensor [0].
+  m.def(
+      "mlp_jet_backward(Tensor? grad_value, Tensor? grad_jacobian, Tensor? grad_hessian, "
+      "Tensor x, Tensor[] weights, Tensor?[] biases, int[] stage_sizes, int[] act_codes, "
+      "float[] act_params, str mode, Tensor[] state, bool[3] output_mask) "
+      "-> (Tensor, Tensor[], Tensor[])");
 
   // One stage of elementwise functions and its first three derivatives at z,
   // exactly as the jet kernels evaluate them (for tests of the shared math).

@@ -41,13 +41,21 @@ def reverse_cost(d: int, widths: Sequence[int]) -> float:
     return gemm + ELEMENTWISE_WEIGHT * elementwise + GRAM_WEIGHT * gram
 
 
-def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str, itemsize: int) -> int:
-    """Peak memory of one call, outputs included (an estimate from above)."""
+def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str, itemsize: int,
+                  save: bool = False) -> int:
+    """Peak memory of one call, outputs included (an estimate from above).
+
+    ``save``: the forward keeps each layer's state for the backward, which then
+    needs about as much again for its own sweep.
+    """
     m = widths[-1]
     out = B * m * (1 + d + {"full": d * d, "diag": d, "trace": 1}.get(mode, 0))
     n_max = max(widths)
     if method == "forward":
-        work = 4 * B * (1 + d + _pairs(mode, d)) * n_max
+        cols = 1 + d + _pairs(mode, d)
+        work = 4 * B * cols * n_max
+        if save:
+            work += B * widths[0] + sum(B * cols * n for n in widths[1:]) + 2 * B * cols * n_max
     else:
         work = sum(B * (2 + 2 * d) * n for n in widths) + 3 * B * m * n_max
         work += B * m * (d * (d + 1) // 2) if d <= 32 else 2 * B * m * d * (n_max + d)

@@ -1,30 +1,54 @@
-"""Python-side registrations of the hessmlp ops: fake (meta) kernels."""
+"""Python-side registrations of the hessmlp ops: fake kernels and autograd.
+
+The schemas live in csrc/ops.cpp. mlp_jet's backward is the op
+mlp_jet_backward (the exact reverse sweep, DESIGN.md §4); differentiating
+that backward again (double backward) is refused with a clear error.
+"""
 from __future__ import annotations
 
 import torch
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels)
 
+_PAIRS = {"full": lambda d: d * (d + 1) // 2, "diag": lambda d: d, "trace": lambda d: 1,
+          "none": lambda d: 0}
+
+
+def _pairs(mode: str, d):
+    if mode not in _PAIRS:
+        raise ValueError(f"hessmlp: mode must be one of 'full', 'diag', 'trace', 'none', got {mode!r}")
+    return _PAIRS[mode](d)
+
+
+def _hessian_shape(mode: str, B, m, d):
+    return {"full": (B, m, d, d), "diag": (B, m, d), "trace": (B, m), "none": (B, m, 0)}[mode]
+
 
 @torch.library.register_fake("hessmlp::mlp_jet")
-def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, method):
+def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, method,
+                  save_state=False):
     torch._check(x.dim() == 2, lambda: f"hessmlp: x must have shape [B, d], got {tuple(x.shape)}")
     torch._check(len(weights) >= 1, lambda: "hessmlp: weights must hold at least one Linear weight")
     B, d = x.shape
     m = weights[-1].shape[0]
-    value = x.new_empty((B, m))
-    jac = x.new_empty((B, m, d))
-    if mode == "full":
-        shape = (B, m, d, d)
-    elif mode == "diag":
-        shape = (B, m, d)
-    elif mode == "trace":
-        shape = (B, m)
-    elif mode == "none":
-        shape = (B, m, 0)
-    else:
-        raise ValueError(f"hessmlp: mode must be one of 'full', 'diag', 'trace', 'none', got {mode!r}")
-    return value, jac, x.new_empty(shape)
+    C = 1 + d + _pairs(mode, d)
+    state = []
+    if save_state and method == "forward":
+        state = [x.new_empty((B, weights[0].shape[0]))]
+        state += [x.new_empty((B, C, w.shape[0])) for w in weights[1:]]
+    return (x.new_empty((B, m)), x.new_empty((B, m, d)),
+            x.new_empty(_hessian_shape(mode, B, m, d)), state)
+
+
+@torch.library.register_fake("hessmlp::mlp_jet_backward")
+def _mlp_jet_backward_fake(grad_value, grad_jacobian, grad_hessian, x, weights, biases,
+                           stage_sizes, act_codes, act_params, mode, state, output_mask):
+    need_x, need_w, need_b = output_mask
+    empty = lambda: x.new_empty((0,))  # noqa: E731
+    grad_x = x.new_empty(x.shape) if need_x else empty()
+    grad_w = [w.new_empty(w.shape) if need_w else empty() for w in weights]
+    grad_b = [b.new_empty(b.shape) if need_b and b is not None else empty() for b in biases]
+    return grad_x, grad_w, grad_b
 
 
 @torch.library.register_fake("hessmlp::stage_derivs")
@@ -32,14 +56,60 @@ def _stage_derivs_fake(z, act_codes, act_params):
     return z.new_empty((4, *z.shape))
 
 
-def _no_backward(ctx, *grads):
-    raise NotImplementedError(
-        "hessmlp: differentiating through hessmlp's results (backward w.r.t. x or the model's "
-        "parameters) is not implemented in this version. Compute them under torch.no_grad() or on "
-        "detached inputs, or use torch.func for training losses until the backward lands.")
+# ---- autograd -------------------------------------------------------------------------------
+
+def _mlp_jet_setup_context(ctx, inputs, output):
+    x, weights, biases, stage_sizes, act_codes, act_params, mode, method, save_state = inputs
+    state = output[3]
+    ctx.mark_non_differentiable(*state)
+    ctx.set_materialize_grads(False)
+    ctx.spec = (len(weights), [b is not None for b in biases], list(stage_sizes),
+                list(act_codes), list(act_params), mode)
+    # x and the parameters are inputs (alive anyway); the state is what the forward
+    # computed and the backward would otherwise recompute.
+    ctx.save_for_backward(x, *weights, *[b for b in biases if b is not None], *state)
 
 
-# Until the exact backward is registered, a backward call must fail loudly instead of
-# PyTorch's fallback, which silently treats the op as constant.
-torch.library.register_autograd("hessmlp::mlp_jet", _no_backward)
-torch.library.register_autograd("hessmlp::stage_derivs", _no_backward)
+def _mlp_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian, grad_state):
+    L, has_bias, stage_sizes, act_codes, act_params, mode = ctx.spec
+    saved = ctx.saved_tensors
+    x, weights = saved[0], list(saved[1:1 + L])
+    it = iter(saved[1 + L:1 + L + sum(has_bias)])
+    biases = [next(it) if h else None for h in has_bias]
+    state = list(saved[1 + L + sum(has_bias):])
+
+    needs = ctx.needs_input_grad  # (x, [weights], [biases], ...)
+    need_x = bool(needs[0])
+    need_w = [bool(n) for n in needs[1]]
+    need_b = [bool(n) and h for n, h in zip(needs[2], has_bias)]
+    none = (None,) * 6
+    if grad_value is None and grad_jacobian is None and grad_hessian is None:
+        return (None, [None] * L, [None] * L) + none
+    if not (need_x or any(need_w) or any(need_b)):
+        return (None, [None] * L, [None] * L) + none
+    gx, gw, gb = torch.ops.hessmlp.mlp_jet_backward(
+        grad_value, grad_jacobian, grad_hessian, x, weights, biases, stage_sizes, act_codes,
+        act_params, mode, state, [need_x, any(need_w), any(need_b)])
+    return ((gx if need_x else None),
+            [g if n else None for g, n in zip(gw, need_w)],
+            [g if n else None for g, n in zip(gb, need_b)]) + none
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "hessmlp: double backward (differentiating the gradients of hessmlp's results again, "
+        "e.g. autograd.grad(..., create_graph=True) followed by another backward) is not "
+        "supported. Gradients of losses built from hessian/laplacian/jacobian w.r.t. x and the "
+        "parameters are exact; a second derivative of them is not available.")
+
+
+def _refuse_stage_derivs_backward(ctx, *grads):
+    raise RuntimeError(
+        "hessmlp: stage_derivs is a test hook for the per-element math and has no backward; "
+        "use hessmlp.hessian / laplacian / jacobian, which are differentiable.")
+
+
+torch.library.register_autograd("hessmlp::mlp_jet", _mlp_jet_backward,
+                                setup_context=_mlp_jet_setup_context)
+torch.library.register_autograd("hessmlp::mlp_jet_backward", _refuse_double_backward)
+torch.library.register_autograd("hessmlp::stage_derivs", _refuse_stage_derivs_backward)

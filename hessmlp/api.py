@@ -108,6 +108,12 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     if method == "reverse" and mode != "full":
         raise ValueError(f"hessmlp: method='reverse' computes the full Hessian only, not {hessian!r}")
     itemsize = xb.element_size()
+    # Training through the result: the backward is the adjoint of the forward jets, which
+    # saves each layer's state; reverse-Gram would leave the backward to recompute it.
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xb, *net.weights, *net.biases))
+    if method == "auto" and save:
+        method = "forward"
     if method == "auto":
         method = _cost.choose_method(d, widths, mode)
         if mode == "full" and method == "forward":
@@ -115,10 +121,11 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
             free = _cost.available_bytes(xb.device)
             if free is not None and _cost.working_bytes(B, d, widths, mode, "forward", itemsize) > free:
                 method = "reverse"
-    _check_size(B, d, widths, mode, method, xb, output)
+    _check_size(B, d, widths, mode, method, xb, output, save)
 
-    value, jac, hess = torch.ops.hessmlp.mlp_jet(
-        xb, net.weights, net.biases, net.stage_sizes, net.act_codes, net.act_params, mode, method)
+    value, jac, hess, _ = torch.ops.hessmlp.mlp_jet(
+        xb, net.weights, net.biases, net.stage_sizes, net.act_codes, net.act_params, mode, method,
+        save)
     if mode == "none":
         hess = None
     if output is not None:
@@ -130,8 +137,8 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     return Jet(value, jac, hess)
 
 
-def _check_size(B, d, widths, mode, method, x, output) -> None:
-    need = _cost.working_bytes(B, d, widths, mode, method, x.element_size())
+def _check_size(B, d, widths, mode, method, x, output, save) -> None:
+    need = _cost.working_bytes(B, d, widths, mode, method, x.element_size(), save)
     free = _cost.available_bytes(x.device)
     if free is None or need <= free:
         return

@@ -14,72 +14,73 @@
 namespace hessmlp {
 namespace cpu {
 
-namespace {
+at::Tensor stage_forward(const NetSpec& net, Mode mode, int64_t l, const at::Tensor& state,
+                         const at::Tensor& w0t,
+                         const c10::List<std::optional<at::Tensor>>& biases,
+                         at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
+                         at::Tensor* s1_out, at::Tensor* s2_out) {
+  const int64_t B = net.batch, d = net.d, n = net.widths[l];
+  const int64_t P = n_pairs(mode, d);
+  const int64_t C = 1 + d + P;
+  const std::optional<at::Tensor> bias_opt = biases.get(l);
+  const at::Tensor bias = (bias_opt.has_value() && bias_opt->defined())
+                              ? bias_opt->contiguous() : at::Tensor();
+  at::Tensor next = at::empty({B, C, n}, state.options());
+  at::Tensor s1 = at::empty({B, n}, state.options());
+  at::Tensor s2 = at::empty({B, n}, state.options());
+  const Stage st{act_codes.data() + net.stage_start[l], act_params.data() + 2 * net.stage_start[l],
+                 net.stage_size[l]};
 
-// Samples per parallel task: enough work per task to amortise the scheduling.
-int64_t grain_for(int64_t work_per_sample) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_sample));
+  AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "mlp_jet_step_cpu", [&] {
+    const scalar_t* zp = state.data_ptr<scalar_t>();
+    const int64_t z_stride = l == 0 ? n : C * n;
+    // T rows: W_0^T shared by all samples at layer 0, else rows 1..d of the state.
+    const scalar_t* tp = l == 0 ? w0t.data_ptr<scalar_t>() : zp + n;
+    const int64_t t_stride = l == 0 ? 0 : C * n;
+    const scalar_t* sp = (l == 0 || P == 0) ? nullptr : zp + (1 + d) * n;
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = next.data_ptr<scalar_t>();
+    scalar_t* s1p = s1.data_ptr<scalar_t>();
+    scalar_t* s2p = s2.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_for(C * n), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        jet_step_sample<scalar_t>(mode, n, d, st, zp + b * z_stride, bp, tp + b * t_stride,
+                                  sp ? sp + b * C * n : nullptr, op + b * C * n,
+                                  s1p + b * n, s2p + b * n);
+      }
+    });
+  });
+  if (s1_out) *s1_out = s1;
+  if (s2_out) *s2_out = s2;
+  return next;
 }
-
-}  // namespace
 
 ForwardPass forward_pass(const NetSpec& net, Mode mode, const at::Tensor& x,
                          at::TensorList weights,
                          const c10::List<std::optional<at::Tensor>>& biases,
                          at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
-                         bool keep) {
+                         Keep keep) {
   const int64_t B = net.batch, d = net.d, L = net.n_layers();
-  const int64_t P = n_pairs(mode, d);
-  const int64_t C = 1 + d + P;
+  const int64_t C = 1 + d + n_pairs(mode, d);
   ForwardPass fp;
 
   // Layer 0: z_0 = x W_0^T (bias added in the step), T_0 = W_0 for every sample, S_0 = 0.
   const at::Tensor w0t = weights[0].t().contiguous();  // [d, n_0]
-  at::Tensor z0 = at::mm(x, weights[0].t());            // [B, n_0]
   at::Tensor act;                                       // [B, C, n_l] output of the step
-  at::Tensor state;                                     // [B, C, n_l] output of the GEMM
-
   for (int64_t l = 0; l < L; ++l) {
     const int64_t n = net.widths[l];
-    const std::optional<at::Tensor> bias_opt = biases.get(l);
-    const at::Tensor bias = (bias_opt.has_value() && bias_opt->defined())
-                                ? bias_opt->contiguous() : at::Tensor();
-    if (l > 0) {
-      const int64_t n_prev = net.widths[l - 1];
-      state = at::mm(act.view({B * C, n_prev}), weights[l].t()).view({B, C, n});
-    }
-    at::Tensor next = at::empty({B, C, n}, x.options());
-    at::Tensor s1 = at::empty({B, n}, x.options());
-    at::Tensor s2 = at::empty({B, n}, x.options());
-    const Stage st{act_codes.data() + net.stage_start[l], act_params.data() + 2 * net.stage_start[l],
-                   net.stage_size[l]};
-
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_jet_step_cpu", [&] {
-      const scalar_t* zp = l == 0 ? z0.data_ptr<scalar_t>() : state.data_ptr<scalar_t>();
-      const int64_t z_stride = l == 0 ? n : C * n;
-      // T rows: W_0^T shared by all samples at layer 0, else rows 1..d of the state.
-      const scalar_t* tp = l == 0 ? w0t.data_ptr<scalar_t>() : state.data_ptr<scalar_t>() + n;
-      const int64_t t_stride = l == 0 ? 0 : C * n;
-      const scalar_t* sp = (l == 0 || P == 0) ? nullptr : state.data_ptr<scalar_t>() + (1 + d) * n;
-      const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-      scalar_t* op = next.data_ptr<scalar_t>();
-      scalar_t* s1p = s1.data_ptr<scalar_t>();
-      scalar_t* s2p = s2.data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain_for(C * n), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          jet_step_sample<scalar_t>(mode, n, d, st, zp + b * z_stride, bp, tp + b * t_stride,
-                                    sp ? sp + b * C * n : nullptr, op + b * C * n,
-                                    s1p + b * n, s2p + b * n);
-        }
-      });
-    });
-
-    if (keep) {
+    const at::Tensor state =
+        l == 0 ? at::mm(x, weights[0].t())
+               : at::mm(act.view({B * C, net.widths[l - 1]}), weights[l].t()).view({B, C, n});
+    at::Tensor s1, s2;
+    act = stage_forward(net, mode, l, state, w0t, biases, act_codes, act_params, &s1, &s2);
+    if (keep == Keep::Gram) {
       fp.jac.push_back(l == 0 ? w0t.unsqueeze(0).expand({B, d, n}) : state.narrow(1, 1, d));
       fp.s1.push_back(s1);
       fp.s2.push_back(s2);
+    } else if (keep == Keep::State) {
+      fp.state.push_back(state);
     }
-    act = next;
   }
   fp.out = act;
   return fp;
@@ -87,11 +88,11 @@ ForwardPass forward_pass(const NetSpec& net, Mode mode, const at::Tensor& x,
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_cpu(
     const at::Tensor& x_in, at::TensorList weights,
     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
     at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
-    c10::string_view method) {
+    c10::string_view method, bool save_state) {
   const NetSpec net = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
                                    mode, method);
   const at::Tensor x = x_in.contiguous();
@@ -101,12 +102,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_cpu(
   at::Tensor hess = at::empty(hessian_shape(net), x.options());
 
   if (net.method == Method::Reverse) {
+    // Reverse-Gram has no second-order state to save: the backward recomputes it.
     reverse_gram(net, x, weights, biases, act_codes, act_params, value, jac, hess);
-    return {value, jac, hess};
+    return {value, jac, hess, {}};
   }
 
-  const ForwardPass fp = forward_pass(net, net.mode, x, weights, biases, act_codes, act_params,
-                                      /*keep=*/false);
+  ForwardPass fp = forward_pass(net, net.mode, x, weights, biases, act_codes, act_params,
+                                save_state ? Keep::State : Keep::Nothing);
   const int64_t C = fp.out.size(1);
   const int64_t hess_per_sample = B > 0 ? hess.numel() / B : 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_jet_unpack_cpu", [&] {
@@ -121,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_cpu(
       }
     });
   });
-  return {value, jac, hess};
+  return {value, jac, hess, std::move(fp.state)};
 }
 
 }  // namespace

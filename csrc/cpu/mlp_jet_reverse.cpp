@@ -72,7 +72,7 @@ void reverse_gram(const NetSpec& net, const at::Tensor& x, at::TensorList weight
                   at::Tensor& value, at::Tensor& jac, at::Tensor& hess) {
   const int64_t B = net.batch, d = net.d, m = net.m(), L = net.n_layers();
   const ForwardPass fp = forward_pass(net, Mode::None, x, weights, biases, act_codes, act_params,
-                                      /*keep=*/true);
+                                      Keep::Gram);
   value.copy_(fp.out.select(1, 0));
   jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
 
