@@ -60,6 +60,12 @@ def _stage_derivs_fake(z, act_codes, act_params):
 
 def _mlp_jet_setup_context(ctx, inputs, output):
     x, weights, biases, stage_sizes, act_codes, act_params, mode, method, save_state = inputs
+    if any(b is None for b in biases) and any(b is not None and b.requires_grad for b in biases):
+        # Autograd sees a list that mixes None and tensors as one opaque value: the
+        # gradients of its tensors would be lost without a word.
+        raise ValueError(
+            "hessmlp: mlp_jet cannot differentiate w.r.t. biases given as a list that mixes None "
+            "and tensors; pass zeros for the missing biases (hessmlp.jet and friends do this)")
     state = output[3]
     ctx.mark_non_differentiable(*state)
     ctx.set_materialize_grads(False)
@@ -68,6 +74,21 @@ def _mlp_jet_setup_context(ctx, inputs, output):
     # x and the parameters are inputs (alive anyway); the state is what the forward
     # computed and the backward would otherwise recompute.
     ctx.save_for_backward(x, *weights, *[b for b in biases if b is not None], *state)
+
+
+def _flags(entry, n):
+    """needs_input_grad of a list input: one flag per entry (a list without tensors,
+    such as all-None biases, comes as a single False)."""
+    if isinstance(entry, (list, tuple)):
+        return [bool(v) for v in entry]
+    return [bool(entry)] * n
+
+
+def _shaped(entry, grads):
+    """The gradient of a list input in the structure autograd expects for it."""
+    if isinstance(entry, (list, tuple)):
+        return list(grads) if len(grads) == len(entry) else [None] * len(entry)
+    return None
 
 
 def _mlp_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian, grad_state):
@@ -80,19 +101,22 @@ def _mlp_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian, grad_state):
 
     needs = ctx.needs_input_grad  # (x, [weights], [biases], ...)
     need_x = bool(needs[0])
-    need_w = [bool(n) for n in needs[1]]
-    need_b = [bool(n) and h for n, h in zip(needs[2], has_bias)]
-    none = (None,) * 6
-    if grad_value is None and grad_jacobian is None and grad_hessian is None:
-        return (None, [None] * L, [None] * L) + none
-    if not (need_x or any(need_w) or any(need_b)):
-        return (None, [None] * L, [None] * L) + none
+    need_w = _flags(needs[1], L)
+    need_b = [n and h for n, h in zip(_flags(needs[2], L), has_bias)]
+    # One entry per input as passed (save_state may be left out, its default), in the
+    # structure of needs_input_grad: a list input without tensors is a single flag (None
+    # back), an empty list stays an empty list.
+    rest = tuple(_shaped(e, []) for e in needs[3:])
+
+    no_upstream = grad_value is None and grad_jacobian is None and grad_hessian is None
+    if no_upstream or not (need_x or any(need_w) or any(need_b)):
+        return (None, _shaped(needs[1], [None] * L), _shaped(needs[2], [None] * L)) + rest
     gx, gw, gb = torch.ops.hessmlp.mlp_jet_backward(
         grad_value, grad_jacobian, grad_hessian, x, weights, biases, stage_sizes, act_codes,
         act_params, mode, state, [need_x, any(need_w), any(need_b)])
     return ((gx if need_x else None),
-            [g if n else None for g, n in zip(gw, need_w)],
-            [g if n else None for g, n in zip(gb, need_b)]) + none
+            _shaped(needs[1], [g if n else None for g, n in zip(gw, need_w)]),
+            _shaped(needs[2], [g if n else None for g, n in zip(gb, need_b)])) + rest
 
 
 def _refuse_double_backward(ctx, *grads):

@@ -78,14 +78,21 @@ def _select_output(net: Network, output) -> Network:
                    net.biases[:-1] + [None if b is None else b[k:k + 1]], net.stages, net.where)
 
 
+def _kernel_keys() -> tuple:
+    """Dispatch keys this build has an mlp_jet kernel for (constant for the process)."""
+    return tuple(k for k in ("CPU", "CUDA")
+                 if torch._C._dispatch_has_kernel_for_dispatch_key("hessmlp::mlp_jet", k))
+
+
+_KERNEL_KEYS = _kernel_keys()
+
+
 def _check_backend(x: torch.Tensor) -> None:
     key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(x.device.type)
-    if key is None or (key != "Meta" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "hessmlp::mlp_jet", key)):
+    if key is None or (key != "Meta" and key not in _KERNEL_KEYS):
         raise NotImplementedError(
             f"hessmlp: this build has no kernel for tensors on {x.device} (built for: "
-            f"{', '.join(k for k in ('CPU', 'CUDA') if torch._C._dispatch_has_kernel_for_dispatch_key('hessmlp::mlp_jet', k))}); "
-            "move the model and x to the CPU")
+            f"{', '.join(_KERNEL_KEYS)}); move the model and x to the CPU")
 
 
 def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Jet:
@@ -118,13 +125,17 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         method = _cost.choose_method(d, widths, mode)
         if mode == "full" and method == "forward":
             # Prefer whichever fits when the cheaper one would not.
-            free = _cost.available_bytes(xb.device)
+            free = None if torch.compiler.is_compiling() else _cost.available_bytes(xb.device)
             if free is not None and _cost.working_bytes(B, d, widths, mode, "forward", itemsize) > free:
                 method = "reverse"
     _check_size(B, d, widths, mode, method, xb, output, save)
 
+    biases = net.biases
+    if save and any(b is None for b in biases) and any(b is not None for b in biases):
+        # Autograd cannot track a list that mixes None and tensors (see _ops.py).
+        biases = [xb.new_zeros(W.shape[0]) if b is None else b for W, b in zip(net.weights, biases)]
     value, jac, hess, _ = torch.ops.hessmlp.mlp_jet(
-        xb, net.weights, net.biases, net.stage_sizes, net.act_codes, net.act_params, mode, method,
+        xb, net.weights, biases, net.stage_sizes, net.act_codes, net.act_params, mode, method,
         save)
     if mode == "none":
         hess = None
@@ -138,6 +149,8 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
 
 
 def _check_size(B, d, widths, mode, method, x, output, save) -> None:
+    if torch.compiler.is_compiling():
+        return  # free memory is a run-time fact; the compiled graph cannot ask for it
     need = _cost.working_bytes(B, d, widths, mode, method, x.element_size(), save)
     free = _cost.available_bytes(x.device)
     if free is None or need <= free:

@@ -65,3 +65,19 @@ def func_reference(model, x):
     jac = torch.func.vmap(torch.func.jacrev(f))(x).detach()
     hess = torch.func.vmap(torch.func.hessian(f))(x).detach()
     return value.detach(), jac, hess
+
+
+def func_jet(model, params, x, mode):
+    """[value, jacobian, second-order part for mode] by torch.func, differentiable w.r.t.
+    ``params`` (a dict name -> tensor of the model's parameters) and ``x``."""
+    def f(p, xi):
+        return torch.func.functional_call(model, p, (xi,))
+
+    value = torch.func.vmap(f, in_dims=(None, 0))(params, x)
+    jac = torch.func.vmap(torch.func.jacrev(f, argnums=1), in_dims=(None, 0))(params, x)
+    out = [value, jac]
+    if mode is not None:
+        hess = torch.func.vmap(torch.func.hessian(f, argnums=1), in_dims=(None, 0))(params, x)
+        diag = hess.diagonal(dim1=-2, dim2=-1)
+        out.append({"full": hess, "diag": diag, "trace": diag.sum(-1)}[mode])
+    return out
