@@ -72,8 +72,15 @@ class Network:
         return [float(p) for s in self.stages for a in s for p in (a.p0, a.p1)]
 
 
-# A step of the chain: ("linear", where, getter() -> (W, b)) or ("act", where, Act).
+# A step of the chain: ("linear", where, (weight path, bias path or None)) or
+# ("act", where, Act). Paths are attribute paths from the model ("0.weight",
+# "layers.2.bias"), so that the structure is plain data: torch.compile takes it as
+# a constant and traces only the parameter reads.
 Step = Tuple[str, str, object]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _refuse(where: str, what: str) -> UnsupportedModelError:
@@ -89,9 +96,10 @@ def _is(m: nn.Module, cls) -> bool:
     return isinstance(m, cls) and type(m).forward is cls.forward
 
 
-def _module_steps(m: nn.Module, where: str) -> List[Step]:
+def _module_steps(m: nn.Module, where: str, path: str) -> List[Step]:
     if _is(m, nn.Linear):
-        return [("linear", where, lambda m=m: (m.weight, m.bias))]
+        return [("linear", where, (_join(path, "weight"),
+                                   None if m.bias is None else _join(path, "bias")))]
     if _is(m, nn.Identity):
         return []
     if type(m) is nn.Dropout:
@@ -121,11 +129,11 @@ def _module_steps(m: nn.Module, where: str) -> List[Step]:
     if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
         steps = []
         for name, child in m.named_children():
-            steps += _module_steps(child, f"{where}[{name}]")
+            steps += _module_steps(child, f"{where}[{name}]", _join(path, name))
         return steps
     if not type(m).__module__.startswith("torch."):
         # A user's own module inside a Sequential: its forward must be a chain too.
-        return _FxChain(m, where).steps()
+        return _FxChain(m, where, path).steps()
     raise _refuse(where, f"{type(m).__name__}")
 
 
@@ -203,9 +211,10 @@ _ARITH_METHODS = {"mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mu
 
 
 class _FxChain:
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: nn.Module, name: str, path: str = ""):
         self.model = model
         self.name = name
+        self.path = path  # of model within the model hessmlp was given
         try:
             self.graph = _Tracer().trace(model)
         except Exception as e:  # fx raises many types for data-dependent control flow
@@ -279,7 +288,7 @@ class _FxChain:
             if len(args) != 1 or args[0] is not cur or kwargs:
                 raise _refuse(where, "a module call with extra arguments")
             mod = self.model.get_submodule(node.target)
-            return _module_steps(mod, where)
+            return _module_steps(mod, where, _join(self.path, node.target))
         if node.op == "call_method":
             name = node.target
             if name in _ARITH_METHODS:
@@ -304,8 +313,11 @@ class _FxChain:
             for v in (w, b):
                 if v is not None and (not isinstance(v, fx.Node) or v.op != "get_attr"):
                     raise _refuse(where, "F.linear with a computed weight or bias")
-            return [("linear", where,
-                     lambda w=w, b=b: (self._attr(w), None if b is None else self._attr(b)))]
+            if not isinstance(self._attr(w), torch.Tensor) or (
+                    b is not None and not isinstance(self._attr(b), torch.Tensor)):
+                raise _refuse(where, "F.linear whose weight or bias is not a tensor")
+            return [("linear", where, (_join(self.path, w.target),
+                                       None if b is None else _join(self.path, b.target)))]
         if fn is F.dropout:
             a = self._bind(node, args, kwargs, ("input", "p", "training", "inplace"),
                            {"p": 0.5, "training": True, "inplace": False})
@@ -375,19 +387,17 @@ class _FxChain:
 _FX_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def _steps_of(model: nn.Module) -> List[Step]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
-    # torch.compile(model) wraps the module; its parameters are the original's.
-    model = getattr(model, "_orig_mod", model)
+@torch.compiler.assume_constant_result
+def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
+    """The structure of ``model`` (plain data; a constant for torch.compile)."""
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
-        return _module_steps(model, "model")
+        return tuple(_module_steps(model, "model", ""))
     if type(model) in _DIRECT:
-        return _module_steps(model, "model")
+        return tuple(_module_steps(model, "model", ""))
     per_model = _FX_CACHE.setdefault(model, {})
     key = model.training
     if key not in per_model:
-        per_model[key] = _FxChain(model, type(model).__name__).steps()
+        per_model[key] = tuple(_FxChain(model, type(model).__name__).steps())
     return per_model[key]
 
 
@@ -395,8 +405,19 @@ def _steps_of(model: nn.Module) -> List[Step]:
 _DIRECT = (nn.Linear,)
 
 
+def _get(model: nn.Module, path: str) -> torch.Tensor:
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def network_of(model: nn.Module) -> Network:
     """The flat description of ``model``, with its current parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
+    # torch.compile(model) wraps the module; its parameters are the original's.
+    model = getattr(model, "_orig_mod", model)
     steps = _steps_of(model)
     pre: List[Tuple[str, Act]] = []
     weights: List[torch.Tensor] = []
@@ -405,7 +426,7 @@ def network_of(model: nn.Module) -> Network:
     where: List[str] = []
     for kind, w, item in steps:
         if kind == "linear":
-            W, b = item()
+            W, b = _get(model, item[0]), None if item[1] is None else _get(model, item[1])
             weights.append(W)
             biases.append(b)
             stages.append([])

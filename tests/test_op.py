@@ -115,9 +115,23 @@ def test_stage_derivs_has_no_backward():
         out.sum().backward()
 
 
-def _pinn_problem(dtype=f64):
+class PinnNet(nn.Module):
+    """A user's own class, read by torch.fx: input scaling folded into the first Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(2, 16), nn.Linear(16, 16), nn.Linear(16, 1)])
+
+    def forward(self, x):
+        h = 2.0 * x - 1.0
+        for layer in self.layers[:-1]:
+            h = torch.tanh(layer(h))
+        return self.layers[-1](h)
+
+
+def _pinn_problem(dtype=f64, make=lambda: hessmlp.MLP(2, [16, 16], 1, activation="tanh")):
     torch.manual_seed(0)
-    model = hessmlp.MLP(2, [16, 16], 1, activation="tanh").to(dtype)
+    model = make().to(dtype)
     x = torch.rand(64, 2, dtype=dtype)
     f = torch.sin(3 * x[:, 0]) * x[:, 1]
     return model, x, f
@@ -155,10 +169,12 @@ def test_compile_fullgraph_training_step():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
-def test_compile_fullgraph_loss_then_backward():
+@pytest.mark.parametrize("make", [lambda: hessmlp.MLP(2, [16, 16], 1), PinnNet],
+                         ids=["MLP", "user_class"])
+def test_compile_fullgraph_loss_then_backward(make):
     """The common form: compile the loss (forward and backward graphs), call backward outside."""
     torch._dynamo.reset()
-    model, x, f = _pinn_problem()
+    model, x, f = _pinn_problem(make=make)
     _pinn_step(model, x, f)
     eager = _grads(model)
     model.zero_grad()
@@ -175,3 +191,10 @@ def test_compile_fullgraph_loss_then_backward():
     _pinn_step(model, x2, torch.sin(x2[:, 0]))
     for g, e in zip(got, _grads(model)):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_compile_refuses_unsupported_models_by_name():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1))
+    with pytest.raises(Exception, match=r"LayerNorm at model\[1\] is not supported"):
+        torch.compile(lambda x: hessmlp.laplacian(model, x), fullgraph=True)(torch.randn(3, 2))
