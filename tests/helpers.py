@@ -81,3 +81,15 @@ def func_jet(model, params, x, mode):
         diag = hess.diagonal(dim1=-2, dim2=-1)
         out.append({"full": hess, "diag": diag, "trace": diag.sum(-1)}[mode])
     return out
+
+
+def random_configs(seed, depths, d_max, widths, m_max, per_depth=2):
+    """Random (d, widths, m, bias, final_act) network shapes, per_depth for each depth."""
+    rng = random.Random(seed)
+    out = []
+    for depth in depths:
+        for _ in range(per_depth):
+            d = rng.randint(1, d_max)
+            hidden = [rng.choice(widths) for _ in range(depth - 1)]
+            out.append((d, hidden, rng.randint(1, m_max), rng.random() < 0.7, rng.random() < 0.3))
+    return out

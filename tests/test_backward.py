@@ -1,5 +1,4 @@
 """Gradients through hessmlp's results: against torch.func and finite differences."""
-import random
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from torch import nn
 
 import hessmlp
 
-from helpers import ACTIVATIONS, DTYPES, RTOL, assert_rel_close, func_jet, random_mlp
+from helpers import ACTIVATIONS, DTYPES, assert_rel_close, func_jet, random_configs, random_mlp
 
 ACT = dict(ACTIVATIONS)
 MODES = ["full", "diag", "trace", None]
@@ -54,19 +53,8 @@ def test_gradcheck_reverse_method_and_unbatched():
     _gradcheck(model, torch.randn(3, dtype=f64), "full", output=0)
 
 
-def _configs():
-    """Random (d, widths, m, bias, final_act) covering depth 1-4, widths 1-33, d 1-6, m 1-3."""
-    rng = random.Random(4321)
-    out = []
-    for depth in range(1, 5):
-        for _ in range(2):
-            d = rng.randint(1, 6)
-            widths = [rng.choice([1, 3, 8, 17, 33]) for _ in range(depth - 1)]
-            out.append((d, widths, rng.randint(1, 3), rng.random() < 0.7, rng.random() < 0.3))
-    return out
-
-
-CONFIGS = _configs()
+# depth 1-4, widths 1-33, d 1-6, m 1-3
+CONFIGS = random_configs(4321, range(1, 5), 6, [1, 3, 8, 17, 33], 3)
 # float64: rounding only; float32: the result's scale times single precision.
 GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 5e-4}
 

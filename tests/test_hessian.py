@@ -1,6 +1,5 @@
 """Every public function, mode and method against torch.func on random networks."""
 import itertools
-import random
 
 import pytest
 import torch
@@ -9,24 +8,14 @@ from torch import nn
 import hessmlp
 from hessmlp import reference
 
-from helpers import ACTIVATIONS, DEVICES, DTYPES, assert_rel_close, func_reference, random_mlp
+from helpers import (ACTIVATIONS, DEVICES, DTYPES, assert_rel_close, func_reference, random_configs,
+                     random_mlp)
 
 ACT = dict(ACTIVATIONS)
 
 
-def _configs():
-    """Random (d, widths, m, bias, final_act) covering depth 1-5, widths 1-64, d 1-8, m 1-4."""
-    rng = random.Random(1234)
-    out = []
-    for depth in range(1, 6):
-        for _ in range(2):
-            d = rng.randint(1, 8)
-            widths = [rng.choice([1, 2, 5, 16, 33, 64]) for _ in range(depth - 1)]
-            out.append((d, widths, rng.randint(1, 4), rng.random() < 0.7, rng.random() < 0.3))
-    return out
-
-
-CONFIGS = _configs()
+# depth 1-5, widths 1-64, d 1-8, m 1-4
+CONFIGS = random_configs(1234, range(1, 6), 8, [1, 2, 5, 16, 33, 64], 4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

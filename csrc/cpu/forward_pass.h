@@ -5,6 +5,7 @@
 #pragma once
 
 #include "../jet_common.h"
+#include "jet_step.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/List.h>
@@ -42,6 +43,54 @@ at::Tensor stage_forward(const NetSpec& net, Mode mode, int64_t l, const at::Ten
                          const c10::List<std::optional<at::Tensor>>& biases,
                          at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
                          at::Tensor* s1 = nullptr, at::Tensor* s2 = nullptr);
+
+// The inputs of the stage after Linear l for one sample b, in the layout of
+// ForwardPass::state: z (before the bias), T rows [d, n] (W_0^T, shared by all
+// samples, at l = 0) and S rows [P, n] (none at l = 0, where S = 0).
+template <typename T>
+struct StageInput {
+  const T* z;
+  int64_t z_stride;
+  const T* t;
+  int64_t t_stride;
+  const T* s;         // null when S = 0
+  int64_t s_stride;
+  const T* bias;      // null without bias
+
+  const T* z_of(int64_t b) const { return z + b * z_stride; }
+  const T* t_of(int64_t b) const { return t + b * t_stride; }
+  const T* s_of(int64_t b) const { return s ? s + b * s_stride : nullptr; }
+};
+
+template <typename T>
+StageInput<T> stage_input(const NetSpec& net, Mode mode, int64_t l, const at::Tensor& state,
+                          const at::Tensor& w0t, const at::Tensor& bias) {
+  const int64_t n = net.widths[l], d = net.d, P = n_pairs(mode, d);
+  const int64_t C = 1 + d + P;
+  const T* zp = state.data_ptr<T>();
+  StageInput<T> in;
+  in.z = zp;
+  in.z_stride = l == 0 ? n : C * n;
+  in.t = l == 0 ? w0t.data_ptr<T>() : zp + n;
+  in.t_stride = l == 0 ? 0 : C * n;
+  in.s = (l == 0 || P == 0) ? nullptr : zp + (1 + d) * n;
+  in.s_stride = C * n;
+  in.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  return in;
+}
+
+// The elementwise functions of the stage after Linear l.
+inline Stage stage_of(const NetSpec& net, int64_t l, at::IntArrayRef act_codes,
+                      at::ArrayRef<double> act_params) {
+  return Stage{act_codes.data() + net.stage_start[l], act_params.data() + 2 * net.stage_start[l],
+               net.stage_size[l]};
+}
+
+// The bias of Linear l (contiguous), or an undefined tensor.
+inline at::Tensor bias_of(const c10::List<std::optional<at::Tensor>>& biases, int64_t l) {
+  const std::optional<at::Tensor> b = biases.get(l);
+  return (b.has_value() && b->defined()) ? b->contiguous() : at::Tensor();
+}
 
 // Samples per parallel task for a given amount of work per sample.
 inline int64_t grain_for(int64_t work_per_sample) {

@@ -22,31 +22,21 @@ at::Tensor stage_forward(const NetSpec& net, Mode mode, int64_t l, const at::Ten
   const int64_t B = net.batch, d = net.d, n = net.widths[l];
   const int64_t P = n_pairs(mode, d);
   const int64_t C = 1 + d + P;
-  const std::optional<at::Tensor> bias_opt = biases.get(l);
-  const at::Tensor bias = (bias_opt.has_value() && bias_opt->defined())
-                              ? bias_opt->contiguous() : at::Tensor();
+  const at::Tensor bias = bias_of(biases, l);
   at::Tensor next = at::empty({B, C, n}, state.options());
   at::Tensor s1 = at::empty({B, n}, state.options());
   at::Tensor s2 = at::empty({B, n}, state.options());
-  const Stage st{act_codes.data() + net.stage_start[l], act_params.data() + 2 * net.stage_start[l],
-                 net.stage_size[l]};
+  const Stage st = stage_of(net, l, act_codes, act_params);
 
   AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "mlp_jet_step_cpu", [&] {
-    const scalar_t* zp = state.data_ptr<scalar_t>();
-    const int64_t z_stride = l == 0 ? n : C * n;
-    // T rows: W_0^T shared by all samples at layer 0, else rows 1..d of the state.
-    const scalar_t* tp = l == 0 ? w0t.data_ptr<scalar_t>() : zp + n;
-    const int64_t t_stride = l == 0 ? 0 : C * n;
-    const scalar_t* sp = (l == 0 || P == 0) ? nullptr : zp + (1 + d) * n;
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const StageInput<scalar_t> in = stage_input<scalar_t>(net, mode, l, state, w0t, bias);
     scalar_t* op = next.data_ptr<scalar_t>();
     scalar_t* s1p = s1.data_ptr<scalar_t>();
     scalar_t* s2p = s2.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_for(C * n), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        jet_step_sample<scalar_t>(mode, n, d, st, zp + b * z_stride, bp, tp + b * t_stride,
-                                  sp ? sp + b * C * n : nullptr, op + b * C * n,
-                                  s1p + b * n, s2p + b * n);
+        jet_step_sample<scalar_t>(mode, n, d, st, in.z_of(b), in.bias, in.t_of(b), in.s_of(b),
+                                  op + b * C * n, s1p + b * n, s2p + b * n);
       }
     });
   });

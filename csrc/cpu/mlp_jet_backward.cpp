@@ -82,26 +82,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
 
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t n = net.widths[l];
-    const std::optional<at::Tensor> bias_opt = biases.get(l);
-    const at::Tensor bias = (bias_opt.has_value() && bias_opt->defined())
-                                ? bias_opt->contiguous() : at::Tensor();
-    const Stage st{act_codes.data() + net.stage_start[l], act_params.data() + 2 * net.stage_start[l],
-                   net.stage_size[l]};
+    const at::Tensor bias = bias_of(biases, l);
+    const Stage st = stage_of(net, l, act_codes, act_params);
     // The stage: g becomes the adjoint of this Linear's output (z_bar, T_bar, S_bar).
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_jet_backward_step_cpu", [&] {
-      const scalar_t* zp = state[l].data_ptr<scalar_t>();
-      const int64_t z_stride = l == 0 ? n : C * n;
-      const scalar_t* tp = l == 0 ? w0t.data_ptr<scalar_t>() : zp + n;
-      const int64_t t_stride = l == 0 ? 0 : C * n;
-      const scalar_t* sp = (l == 0 || P == 0) ? nullptr : zp + (1 + d) * n;
-      const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+      const StageInput<scalar_t> in = stage_input<scalar_t>(net, net.mode, l, state[l], w0t, bias);
       scalar_t* gp = g.data_ptr<scalar_t>();
       at::parallel_for(0, B, grain_for(C * n), [&](int64_t b0, int64_t b1) {
         std::vector<scalar_t> scratch(4 * n);
         for (int64_t b = b0; b < b1; ++b) {
-          jet_adjoint_sample<scalar_t>(net.mode, n, d, st, zp + b * z_stride, bp,
-                                       tp + b * t_stride, sp ? sp + b * C * n : nullptr,
-                                       gp + b * C * n, scratch.data());
+          jet_adjoint_sample<scalar_t>(net.mode, n, d, st, in.z_of(b), in.bias, in.t_of(b),
+                                       in.s_of(b), gp + b * C * n, scratch.data());
         }
       });
     });
