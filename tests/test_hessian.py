@@ -1,5 +1,4 @@
 """Every public function, mode and method against torch.func on random networks."""
-import itertools
 
 import pytest
 import torch
