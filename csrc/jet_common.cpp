@@ -71,8 +71,9 @@ NetSpec check_inputs(const at::Tensor& x,
       TORCH_CHECK_VALUE(b->device() == x.device(), "hessmlp: biases[", l, "] is on ",
                         b->device(), " but x is on ", x.device());
     }
-    TORCH_CHECK_VALUE(stage_sizes[l] >= 0, "hessmlp: stage_sizes[", l, "] must be >= 0, got ",
-                      stage_sizes[l]);
+    TORCH_CHECK_VALUE(stage_sizes[l] >= 0 && stage_sizes[l] <= kMaxStageOps, "hessmlp: stage_sizes[",
+                      l, "] must be between 0 and ", kMaxStageOps,
+                      " (elementwise functions between two Linear layers), got ", stage_sizes[l]);
     net.widths.push_back(w.size(0));
     net.stage_start.push_back(start);
     net.stage_size.push_back(stage_sizes[l]);
@@ -99,6 +100,37 @@ std::vector<int64_t> hessian_shape(const NetSpec& net) {
     case Mode::Trace: return {net.batch, net.m()};
     default: return {net.batch, net.m(), 0};
   }
+}
+
+StageDesc make_stage(at::IntArrayRef act_codes, at::ArrayRef<double> act_params) {
+  const int64_t k = static_cast<int64_t>(act_codes.size());
+  TORCH_CHECK_VALUE(k <= kMaxStageOps, "hessmlp: at most ", kMaxStageOps,
+                    " activation codes per stage, got ", k);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(act_params.size()) == 2 * k, "hessmlp: act_params must have ",
+                    2 * k, " entries (two per activation code), got ", act_params.size());
+  StageDesc st;
+  st.n_ops = static_cast<int>(k);
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK_VALUE(act_codes[i] >= 0 && act_codes[i] < ACT_NUM_CODES, "hessmlp: act_codes[", i,
+                      "] = ", act_codes[i], " is not a known activation code (0..",
+                      ACT_NUM_CODES - 1, ")");
+    st.codes[i] = static_cast<int>(act_codes[i]);
+    st.params[2 * i] = act_params[2 * i];
+    st.params[2 * i + 1] = act_params[2 * i + 1];
+  }
+  return st;
+}
+
+StageDesc stage_desc(const NetSpec& net, int64_t l, at::IntArrayRef act_codes,
+                     at::ArrayRef<double> act_params) {
+  StageDesc st;
+  st.n_ops = static_cast<int>(net.stage_size[l]);
+  for (int k = 0; k < st.n_ops; ++k) {
+    st.codes[k] = static_cast<int>(act_codes[net.stage_start[l] + k]);
+    st.params[2 * k] = act_params[2 * (net.stage_start[l] + k)];
+    st.params[2 * k + 1] = act_params[2 * (net.stage_start[l] + k) + 1];
+  }
+  return st;
 }
 
 namespace {

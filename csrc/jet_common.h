@@ -2,6 +2,8 @@
 // they produce, and the layout of the stacked jet columns.
 #pragma once
 
+#include "jet_math.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/OptionalArrayRef.h>
@@ -12,23 +14,11 @@
 
 namespace hessmlp {
 
-// What the second-order part S of the jet holds.
-enum class Mode { None, Full, Diag, Trace };
 // How the full Hessian is formed (see DESIGN.md §2 and §3).
 enum class Method { Forward, Reverse };
 
 Mode parse_mode(c10::string_view mode);
 Method parse_method(c10::string_view method);
-
-// Number of second-order columns per sample: d(d+1)/2, d, 1 or 0.
-inline int64_t n_pairs(Mode mode, int64_t d) {
-  switch (mode) {
-    case Mode::Full: return d * (d + 1) / 2;
-    case Mode::Diag: return d;
-    case Mode::Trace: return 1;
-    default: return 0;
-  }
-}
 
 // The network after the checks: sizes and where each stage's codes start.
 struct NetSpec {
@@ -62,6 +52,14 @@ NetSpec check_inputs(const at::Tensor& x,
 // follows the same rule): value (B, m), jacobian (B, m, d), and
 // hessian (B, m, d, d) | (B, m, d) | (B, m) | (B, m, 0) for full | diag | trace | none.
 std::vector<int64_t> hessian_shape(const NetSpec& net);
+
+// The functions of the stage_derivs op as a kernel argument (checks the codes
+// and their number).
+StageDesc make_stage(at::IntArrayRef act_codes, at::ArrayRef<double> act_params);
+
+// The stage after Linear l as a kernel argument.
+StageDesc stage_desc(const NetSpec& net, int64_t l, at::IntArrayRef act_codes,
+                     at::ArrayRef<double> act_params);
 
 // Checks the arguments of mlp_jet_backward that mlp_jet does not have: each
 // upstream gradient (None or the shape of the output it belongs to) and the

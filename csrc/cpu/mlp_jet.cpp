@@ -1,123 +1,122 @@
-// CPU kernel of hessmlp::mlp_jet: the forward jet pass (any mode) and the
-// dispatch to reverse-Gram for the full Hessian.
-#include "forward_pass.h"
-#include "jet_step.h"
+// CPU kernels of hessmlp::mlp_jet: the stage pass of the forward jet, the
+// unpacking of the last layer's columns, and reverse-Gram's weighted Gram.
+#include "kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <tuple>
 #include <vector>
 
 namespace hessmlp {
 namespace cpu {
 
-at::Tensor stage_forward(const NetSpec& net, Mode mode, int64_t l, const at::Tensor& state,
-                         const at::Tensor& w0t,
-                         const c10::List<std::optional<at::Tensor>>& biases,
-                         at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
-                         at::Tensor* s1_out, at::Tensor* s2_out) {
-  const int64_t B = net.batch, d = net.d, n = net.widths[l];
-  const int64_t P = n_pairs(mode, d);
-  const int64_t C = 1 + d + P;
-  const at::Tensor bias = bias_of(biases, l);
-  at::Tensor next = at::empty({B, C, n}, state.options());
-  at::Tensor s1 = at::empty({B, n}, state.options());
-  at::Tensor s2 = at::empty({B, n}, state.options());
-  const Stage st = stage_of(net, l, act_codes, act_params);
-
-  AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "mlp_jet_step_cpu", [&] {
-    const StageInput<scalar_t> in = stage_input<scalar_t>(net, mode, l, state, w0t, bias);
-    scalar_t* op = next.data_ptr<scalar_t>();
-    scalar_t* s1p = s1.data_ptr<scalar_t>();
-    scalar_t* s2p = s2.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(C * n), [&](int64_t b0, int64_t b1) {
+void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2) {
+  const int64_t n = a.n, d = a.d;
+  const int64_t C = 1 + d + n_pairs(a.mode, d);
+  AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cpu", [&] {
+    const StageInput<scalar_t> in = stage_input<scalar_t>(a);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* s1p = s1.defined() ? s1.data_ptr<scalar_t>() : nullptr;
+    scalar_t* s2p = s2.defined() ? s2.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        jet_step_sample<scalar_t>(mode, n, d, st, in.z_of(b), in.bias, in.t_of(b), in.s_of(b),
-                                  op + b * C * n, s1p + b * n, s2p + b * n);
+        const scalar_t* t = in.t_of(b);
+        const scalar_t* s = in.s_of(b);
+        scalar_t* o = op + b * C * n;
+        for (int64_t i = 0; i < n; ++i) {
+          const Derivs<scalar_t> f = stage_eval<scalar_t>(a.stage, in.z_at(b, i));
+          if (s1p) s1p[b * n + i] = f.s1;
+          if (s2p) s2p[b * n + i] = f.s2;
+          jet_step_neuron<scalar_t>(a.mode, d, f, t + i, s ? s + i : nullptr, n, o + i);
+        }
       }
     });
   });
-  if (s1_out) *s1_out = s1;
-  if (s2_out) *s2_out = s2;
-  return next;
 }
 
-ForwardPass forward_pass(const NetSpec& net, Mode mode, const at::Tensor& x,
-                         at::TensorList weights,
-                         const c10::List<std::optional<at::Tensor>>& biases,
-                         at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
-                         Keep keep) {
-  const int64_t B = net.batch, d = net.d, L = net.n_layers();
-  const int64_t C = 1 + d + n_pairs(mode, d);
-  ForwardPass fp;
+void unpack(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at::Tensor& jac,
+            at::Tensor& hess) {
+  const int64_t B = cols.size(0), C = cols.size(1), m = cols.size(2);
+  const int64_t h_per = mode == Mode::None ? 0 : hess.numel() / (B * m);  // per (b, k)
+  AT_DISPATCH_FLOATING_TYPES(cols.scalar_type(), "mlp_jet_unpack_cpu", [&] {
+    const scalar_t* cp = cols.data_ptr<scalar_t>();
+    scalar_t* vp = value.data_ptr<scalar_t>();
+    scalar_t* jp = jac.data_ptr<scalar_t>();
+    scalar_t* hp = h_per ? hess.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B, grain_for(C * m), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t r = b * m + k;
+          unpack_output<scalar_t>(mode, d, cp + b * C * m + k, m, vp + r, jp + r * d,
+                                  hp ? hp + r * h_per : nullptr);
+        }
+    });
+  });
+}
 
-  // Layer 0: z_0 = x W_0^T (bias added in the step), T_0 = W_0 for every sample, S_0 = 0.
-  const at::Tensor w0t = weights[0].t().contiguous();  // [d, n_0]
-  at::Tensor act;                                       // [B, C, n_l] output of the step
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t n = net.widths[l];
-    const at::Tensor state =
-        l == 0 ? at::mm(x, weights[0].t())
-               : at::mm(act.view({B * C, net.widths[l - 1]}), weights[l].t()).view({B, C, n});
-    at::Tensor s1, s2;
-    act = stage_forward(net, mode, l, state, w0t, biases, act_codes, act_params, &s1, &s2);
-    if (keep == Keep::Gram) {
-      fp.jac.push_back(l == 0 ? w0t.unsqueeze(0).expand({B, d, n}) : state.narrow(1, 1, d));
-      fp.s1.push_back(s1);
-      fp.s2.push_back(s2);
-    } else if (keep == Keep::State) {
-      fp.state.push_back(state);
-    }
-  }
-  fp.out = act;
-  return fp;
+// packed[b, k, p] += sum_i w[b, k, i] T[b, p1, i] T[b, p2, i] over the pairs p1 <= p2.
+void gram(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed) {
+  const int64_t B = w.size(0), m = w.size(1), n = w.size(2), d = t.size(1);
+  const int64_t P = d * (d + 1) / 2;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mlp_jet_gram_cpu", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* hp = packed.data_ptr<scalar_t>();
+    const int64_t tb_stride = t.stride(0), tr_stride = t.stride(1), ti_stride = t.stride(2);
+    at::parallel_for(0, B, std::max<int64_t>(1, 8192 / (m * P * n / 8 + 1)), [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> wt(n);
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* tb = tp + b * tb_stride;
+        for (int64_t k = 0; k < m; ++k) {
+          const scalar_t* wk = wp + (b * m + k) * n;
+          scalar_t* h = hp + (b * m + k) * P;
+          int64_t p = 0;
+          for (int64_t a = 0; a < d; ++a) {
+            const scalar_t* ta = tb + a * tr_stride;
+            for (int64_t i = 0; i < n; ++i) wt[i] = wk[i] * ta[i * ti_stride];
+            for (int64_t c = a; c < d; ++c, ++p) {
+              const scalar_t* tc = tb + c * tr_stride;
+              scalar_t acc = scalar_t(0);
+              for (int64_t i = 0; i < n; ++i) acc += wt[i] * tc[i * ti_stride];
+              h[p] += acc;
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess) {
+  const int64_t rows = packed.size(0), P = packed.size(1);
+  AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "mlp_jet_unpack_packed_cpu", [&] {
+    const scalar_t* pp = packed.data_ptr<scalar_t>();
+    scalar_t* hp = hess.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* h = pp + r * P;
+        scalar_t* o = hp + r * d * d;
+        int64_t p = 0;
+        for (int64_t a = 0; a < d; ++a)
+          for (int64_t c = a; c < d; ++c, ++p) o[a * d + c] = o[c * d + a] = h[p];
+      }
+    });
+  });
 }
 
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_cpu(
-    const at::Tensor& x_in, at::TensorList weights,
-    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
-    at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
-    c10::string_view method, bool save_state) {
-  const NetSpec net = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
-                                   mode, method);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t B = net.batch, d = net.d, m = net.m();
-  at::Tensor value = at::empty({B, m}, x.options());
-  at::Tensor jac = at::empty({B, m, d}, x.options());
-  at::Tensor hess = at::empty(hessian_shape(net), x.options());
-
-  if (net.method == Method::Reverse) {
-    // Reverse-Gram has no second-order state to save: the backward recomputes it.
-    reverse_gram(net, x, weights, biases, act_codes, act_params, value, jac, hess);
-    return {value, jac, hess, {}};
-  }
-
-  ForwardPass fp = forward_pass(net, net.mode, x, weights, biases, act_codes, act_params,
-                                save_state ? Keep::State : Keep::Nothing);
-  const int64_t C = fp.out.size(1);
-  const int64_t hess_per_sample = B > 0 ? hess.numel() / B : 0;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_jet_unpack_cpu", [&] {
-    const scalar_t* cp = fp.out.data_ptr<scalar_t>();
-    scalar_t* vp = value.data_ptr<scalar_t>();
-    scalar_t* jp = jac.data_ptr<scalar_t>();
-    scalar_t* hp = hess.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(C * m), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        unpack_sample<scalar_t>(net.mode, m, d, cp + b * C * m, vp + b * m, jp + b * m * d,
-                                hess_per_sample ? hp + b * hess_per_sample : nullptr);
-      }
-    });
-  });
-  return {value, jac, hess, std::move(fp.state)};
+    const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+    at::IntArrayRef stage_sizes, at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
+    c10::string_view mode, c10::string_view method, bool save_state) {
+  return mlp_jet_run(kernels(), x, weights, biases, stage_sizes, act_codes, act_params, mode,
+                     method, save_state);
 }
 
 }  // namespace
-
 }  // namespace cpu
 }  // namespace hessmlp
 

@@ -1,0 +1,221 @@
+// The backend-independent algorithms of mlp_jet and mlp_jet_backward (see
+// jet_driver.h): GEMMs through ATen, elementwise passes through Kernels.
+#include "jet_driver.h"
+
+#include <ATen/ATen.h>
+
+namespace hessmlp {
+namespace {
+
+// Up to this d, reverse-Gram's weighted Gram is a fused kernel over one
+// triangle; above it, batched GEMMs.
+constexpr int64_t kGramKernelMaxD = 32;
+
+at::Tensor bias_of(const c10::List<std::optional<at::Tensor>>& biases, int64_t l) {
+  const std::optional<at::Tensor> b = biases.get(l);
+  return (b.has_value() && b->defined()) ? b->contiguous() : at::Tensor();
+}
+
+enum class Keep { Nothing, Gram, State };
+
+struct ForwardPass {
+  at::Tensor out;                 // [B, 1 + d + P, m]  columns after the last stage
+  // Keep::Gram, per Linear l: dz_l/dx [B, d, n_l] (layer 0: W_0^T expanded) and s1, s2 [B, n_l].
+  std::vector<at::Tensor> jac, s1, s2;
+  // Keep::State, per Linear l: its output before bias and stage (mlp_jet's saved state).
+  std::vector<at::Tensor> state;
+};
+
+struct Net {
+  const NetSpec& spec;
+  at::TensorList weights;
+  const c10::List<std::optional<at::Tensor>>& biases;
+  at::IntArrayRef act_codes;
+  at::ArrayRef<double> act_params;
+  at::Tensor w0t;  // W_0^T [d, n_0], contiguous: T at layer 0 for every sample
+
+  StageArgs stage(Mode mode, int64_t l, const at::Tensor& state, const at::Tensor& bias) const {
+    return StageArgs{mode, spec.batch, spec.widths[l], spec.d, state, w0t, bias, l == 0,
+                     stage_desc(spec, l, act_codes, act_params)};
+  }
+};
+
+// The stage after Linear l applied to that layer's state: the columns feeding Linear l + 1.
+at::Tensor stage_forward(const Kernels& k, const Net& net, Mode mode, int64_t l,
+                         const at::Tensor& state, at::Tensor* s1 = nullptr,
+                         at::Tensor* s2 = nullptr) {
+  const int64_t B = net.spec.batch, n = net.spec.widths[l];
+  const int64_t C = 1 + net.spec.d + n_pairs(mode, net.spec.d);
+  const at::Tensor bias = bias_of(net.biases, l);
+  at::Tensor out = at::empty({B, C, n}, state.options());
+  at::Tensor d1 = s1 ? at::empty({B, n}, state.options()) : at::Tensor();
+  at::Tensor d2 = s2 ? at::empty({B, n}, state.options()) : at::Tensor();
+  if (B > 0) k.stage_forward(net.stage(mode, l, state, bias), out, d1, d2);
+  if (s1) *s1 = d1;
+  if (s2) *s2 = d2;
+  return out;
+}
+
+ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::Tensor& x,
+                         Keep keep) {
+  const NetSpec& spec = net.spec;
+  const int64_t B = spec.batch, d = spec.d;
+  const int64_t C = 1 + d + n_pairs(mode, d);
+  ForwardPass fp;
+  at::Tensor act;  // [B, C, n_l]: the columns after stage l
+  for (int64_t l = 0; l < spec.n_layers(); ++l) {
+    const int64_t n = spec.widths[l];
+    // Layer 0: z_0 = x W_0^T (the bias is added in the stage), T_0 = W_0, S_0 = 0.
+    const at::Tensor state =
+        l == 0 ? at::mm(x, net.weights[0].t())
+               : at::mm(act.view({B * C, spec.widths[l - 1]}), net.weights[l].t()).view({B, C, n});
+    if (keep == Keep::Gram) {
+      at::Tensor s1, s2;
+      act = stage_forward(k, net, mode, l, state, &s1, &s2);
+      fp.jac.push_back(l == 0 ? net.w0t.unsqueeze(0).expand({B, d, n}) : state.narrow(1, 1, d));
+      fp.s1.push_back(s1);
+      fp.s2.push_back(s2);
+    } else {
+      act = stage_forward(k, net, mode, l, state);
+      if (keep == Keep::State) fp.state.push_back(state);
+    }
+  }
+  fp.out = act;
+  return fp;
+}
+
+// Reverse-Gram full Hessian (DESIGN.md §3):  H[k] = sum_l T_l^T diag(g_l^k * s2_l) T_l,
+// with g_l^k = dy_k/da_l from an ordinary backward pass of m columns.
+void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Tensor& value,
+                  at::Tensor& jac, at::Tensor& hess) {
+  const NetSpec& spec = net.spec;
+  const int64_t B = spec.batch, d = spec.d, m = spec.m();
+  const ForwardPass fp = forward_pass(k, net, Mode::None, x, Keep::Gram);
+  value.copy_(fp.out.select(1, 0));
+  jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
+
+  const bool fused = d <= kGramKernelMaxD;
+  at::Tensor packed = fused ? at::zeros({B, m, d * (d + 1) / 2}, x.options()) : at::Tensor();
+  if (!fused) hess.zero_();
+  // g = dy_k/da_l for every output k: the identity at the top.
+  at::Tensor g = at::eye(m, x.options()).unsqueeze(0).expand({B, m, m}).contiguous();
+  for (int64_t l = spec.n_layers() - 1; l >= 0; --l) {
+    const int64_t n = spec.widths[l];
+    const at::Tensor w = (g * fp.s2[l].unsqueeze(1)).contiguous();  // [B, m, n]
+    const at::Tensor& tl = fp.jac[l];                                // [B, d, n]
+    if (fused) {
+      if (B > 0) k.gram(w, tl, packed);
+    } else if (l == 0) {
+      // T_0 = W_0 for every sample: one GEMM over all (b, k).
+      hess.view({B * m, d, d}).add_(
+          at::matmul(net.w0t.unsqueeze(0) * w.view({B * m, 1, n}), net.weights[0]));
+    } else {
+      hess.add_(at::matmul(tl.unsqueeze(1) * w.unsqueeze(2), tl.transpose(1, 2).unsqueeze(1)));
+    }
+    if (l > 0) {
+      const at::Tensor gz = g * fp.s1[l].unsqueeze(1);  // dy_k/dz_l
+      g = at::mm(gz.view({B * m, n}), net.weights[l]).view({B, m, spec.widths[l - 1]});
+    }
+  }
+  if (fused && B > 0) k.unpack_packed(d, packed.view({B * m, d * (d + 1) / 2}), hess);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_run(
+    const Kernels& k, const at::Tensor& x_in, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
+    at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
+    c10::string_view method, bool save_state) {
+  const NetSpec spec = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
+                                    mode, method);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = spec.batch, d = spec.d, m = spec.m();
+  at::Tensor value = at::empty({B, m}, x.options());
+  at::Tensor jac = at::empty({B, m, d}, x.options());
+  at::Tensor hess = at::empty(hessian_shape(spec), x.options());
+  const Net net{spec, weights, biases, act_codes, act_params, weights[0].t().contiguous()};
+
+  if (spec.method == Method::Reverse) {
+    // Reverse-Gram has no second-order state to save: the backward recomputes it.
+    reverse_gram(k, net, x, value, jac, hess);
+    return {value, jac, hess, {}};
+  }
+  ForwardPass fp = forward_pass(k, net, spec.mode, x, save_state ? Keep::State : Keep::Nothing);
+  if (B > 0) k.unpack(spec.mode, d, fp.out, value, jac, hess);
+  return {value, jac, hess, std::move(fp.state)};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet_backward_run(
+    const Kernels& k, const std::optional<at::Tensor>& grad_value,
+    const std::optional<at::Tensor>& grad_jacobian, const std::optional<at::Tensor>& grad_hessian,
+    const at::Tensor& x_in, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
+    at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
+    at::TensorList saved, std::array<bool, 3> output_mask) {
+  const NetSpec spec = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
+                                    mode, "forward");
+  check_backward_inputs(spec, x_in, grad_value, grad_jacobian, grad_hessian, saved);
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  const int64_t B = spec.batch, d = spec.d, m = spec.m(), L = spec.n_layers();
+  const int64_t P = spec.pairs();
+  const int64_t C = 1 + d + P;
+  const at::Tensor x = x_in.contiguous();
+  const at::TensorOptions opt = x.options();
+
+  at::Tensor grad_x = need_x ? at::zeros({B, d}, opt) : at::empty({0}, opt);
+  std::vector<at::Tensor> grad_w, grad_b;
+  for (int64_t l = 0; l < L; ++l) {
+    grad_w.push_back(need_w ? at::zeros(weights[l].sizes(), opt) : at::empty({0}, opt));
+    grad_b.push_back(need_b && bias_of(biases, l).defined() ? at::zeros({spec.widths[l]}, opt)
+                                                             : at::empty({0}, opt));
+  }
+  auto defined = [](const std::optional<at::Tensor>& t) {
+    return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
+  };
+  const at::Tensor gv = defined(grad_value), gj = defined(grad_jacobian);
+  const at::Tensor gh = P > 0 ? defined(grad_hessian) : at::Tensor();
+  if (B == 0 || (!need_x && !need_w && !need_b) || (!gv.defined() && !gj.defined() && !gh.defined())) {
+    return {grad_x, grad_w, grad_b};
+  }
+  const Net net{spec, weights, biases, act_codes, act_params, weights[0].t().contiguous()};
+
+  // The state of every layer: saved by the forward, or recomputed here.
+  std::vector<at::Tensor> state;
+  if (saved.empty()) {
+    state = forward_pass(k, net, spec.mode, x, Keep::State).state;
+  } else {
+    for (const at::Tensor& s : saved) state.push_back(s.contiguous());
+  }
+
+  // The adjoint of the last layer's columns [B, C, m].
+  at::Tensor g = at::empty({B, C, m}, opt);
+  k.pack_adjoint(spec.mode, d, gv, gj, gh, g);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t n = spec.widths[l];
+    // The stage: g becomes the adjoint of this Linear's output (z_bar, T_bar, S_bar).
+    k.stage_adjoint(net.stage(spec.mode, l, state[l], bias_of(biases, l)), g);
+    const at::Tensor zbar = g.select(1, 0);  // [B, n]
+    if (grad_b[l].numel() > 0) at::sum_out(grad_b[l], zbar, 0);
+    if (l > 0) {
+      const int64_t n_prev = spec.widths[l - 1];
+      const at::Tensor g2 = g.view({B * C, n});
+      if (need_w) {
+        // This Linear's input: the previous stage applied to the previous state.
+        const at::Tensor act = stage_forward(k, net, spec.mode, l - 1, state[l - 1]);
+        at::mm_out(grad_w[l], g2.t(), act.view({B * C, n_prev}));
+      }
+      g = at::mm(g2, weights[l]).view({B, C, n_prev});
+    } else {
+      // z_0 = x W_0^T and T_0 = W_0 (S_0 = 0): the x term and the sum of T_bar over the batch.
+      if (need_w) {
+        at::mm_out(grad_w[0], zbar.t(), x);
+        grad_w[0].add_(g.narrow(1, 1, d).sum(0).t());
+      }
+      if (need_x) at::mm_out(grad_x, zbar, weights[0]);
+    }
+  }
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace hessmlp

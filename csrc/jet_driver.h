@@ -1,0 +1,79 @@
+// The ops' algorithms, written once for every backend: the sequence of GEMMs
+// (through ATen, so cuBLAS on CUDA) and elementwise passes of the forward jet,
+// reverse-Gram and the backward sweep. Each backend supplies the elementwise
+// passes (csrc/cpu/kernels.h, csrc/cuda/kernels.cuh), all built on the
+// per-neuron math of csrc/jet_math.h.
+#pragma once
+
+#include "jet_common.h"
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <tuple>
+#include <vector>
+
+namespace hessmlp {
+
+// One stage's pass over a batch: its input in the saved-state layout, the bias
+// of the Linear before it and its functions.
+struct StageArgs {
+  Mode mode;
+  int64_t batch, n, d;
+  const at::Tensor& state;  // l = 0: [B, n] (z only); l > 0: [B, 1 + d + P, n]
+  const at::Tensor& w0t;    // [d, n]: T at layer 0 (W_0^T), read only when first
+  const at::Tensor& bias;   // [n] or undefined
+  bool first;               // layer 0: T = w0t for every sample, S = 0
+  StageDesc stage;
+};
+
+// Where the input of a stage lives, as the kernels read it.
+template <typename T>
+StageInput<T> stage_input(const StageArgs& a) {
+  const int64_t C = 1 + a.d + n_pairs(a.mode, a.d);
+  const T* zp = a.state.data_ptr<T>();
+  StageInput<T> in;
+  in.z = zp;
+  in.z_stride = a.first ? a.n : C * a.n;
+  in.t = a.first ? a.w0t.data_ptr<T>() : zp + a.n;
+  in.t_stride = a.first ? 0 : C * a.n;
+  in.s = (a.first || a.mode == Mode::None) ? nullptr : zp + (1 + a.d) * a.n;
+  in.s_stride = C * a.n;
+  in.bias = a.bias.defined() ? a.bias.data_ptr<T>() : nullptr;
+  return in;
+}
+
+// The elementwise passes a backend provides. Tensors are contiguous.
+struct Kernels {
+  // out [B, C, n] = the stage applied to its input; s1, s2 [B, n] when defined.
+  void (*stage_forward)(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2);
+  // In place on g [B, C, n]: the adjoint of the stage's output becomes that of its input.
+  void (*stage_adjoint)(const StageArgs& a, at::Tensor& g);
+  // cols [B, C, m] -> value [B, m], jac [B, m, d], hess (mode shape; ignored for mode none).
+  void (*unpack)(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at::Tensor& jac,
+                 at::Tensor& hess);
+  // The adjoint of unpack into g [B, C, m]; undefined gradients are zero.
+  void (*pack_adjoint)(Mode mode, int64_t d, const at::Tensor& value, const at::Tensor& jac,
+                       const at::Tensor& hess, at::Tensor& g);
+  // packed [B, m, P] += sum_i w[b, k, i] T[b, a, i] T[b, c, i] over pairs a <= c;
+  // T [B, d, n] with any strides (batch stride 0 at layer 0).
+  void (*gram)(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed);
+  // packed [R, P] -> full symmetric [R, d, d].
+  void (*unpack_packed)(int64_t d, const at::Tensor& packed, at::Tensor& hess);
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_run(
+    const Kernels& k, const at::Tensor& x, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
+    at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
+    c10::string_view method, bool save_state);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet_backward_run(
+    const Kernels& k, const std::optional<at::Tensor>& grad_value,
+    const std::optional<at::Tensor>& grad_jacobian, const std::optional<at::Tensor>& grad_hessian,
+    const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+    at::IntArrayRef stage_sizes, at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
+    c10::string_view mode, at::TensorList state, std::array<bool, 3> output_mask);
+
+}  // namespace hessmlp

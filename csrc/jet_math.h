@@ -1,0 +1,227 @@
+// The per-neuron math of the forward jet and its adjoint (DESIGN.md §2, §4),
+// shared by the CPU and CUDA kernels: one neuron of one sample at a time, its
+// rows reached with a stride, so that a CPU loop and a CUDA thread run the same
+// code. Plain C++ (no ATen) so that nvcc and the host compiler both take it.
+#pragma once
+
+#include "activations.h"
+
+#include <cstdint>
+
+namespace hessmlp {
+
+// What the second-order part S of the jet holds.
+enum class Mode { None, Full, Diag, Trace };
+
+// Number of second-order columns per sample: d(d+1)/2, d, 1 or 0.
+HM_HD int64_t n_pairs(Mode mode, int64_t d) {
+  switch (mode) {
+    case Mode::Full: return d * (d + 1) / 2;
+    case Mode::Diag: return d;
+    case Mode::Trace: return 1;
+    default: return 0;
+  }
+}
+
+// The elementwise functions between two Linear layers, by value (a CUDA kernel
+// argument as it is).
+constexpr int kMaxStageOps = 8;
+struct StageDesc {
+  int n_ops = 0;
+  int codes[kMaxStageOps] = {};
+  double params[2 * kMaxStageOps] = {};
+};
+
+template <typename T>
+HM_HD Derivs<T> stage_eval(const StageDesc& st, T z) {
+  return stage_eval<T>(st.codes, st.params, st.n_ops, z);
+}
+
+// Where the input of one stage lives for every sample b, in the layout of the
+// saved state: z (before the bias) [n], T rows [d, n] (at layer 0 W_0^T, shared
+// by all samples: t_stride = 0) and S rows [P, n] (null at layer 0, where S = 0).
+// Every row has n entries, so one neuron's entries are n apart.
+template <typename T>
+struct StageInput {
+  const T* z;
+  int64_t z_stride;
+  const T* t;
+  int64_t t_stride;
+  const T* s;  // null when S = 0
+  int64_t s_stride;
+  const T* bias;  // null without bias
+
+  HM_HD T z_at(int64_t b, int64_t i) const {
+    return bias ? z[b * z_stride + i] + bias[i] : z[b * z_stride + i];
+  }
+  HM_HD const T* t_of(int64_t b) const { return t + b * t_stride; }
+  HM_HD const T* s_of(int64_t b) const { return s ? s + b * s_stride : nullptr; }
+};
+
+// One neuron through a stage with derivatives f (DESIGN.md §2):
+//   u = s(z),  U = s1 T,  V = s2 Phi(T) + s1 S
+// t: its d first-derivative entries, s: its P second-order entries or null,
+// out: its 1 + d + P output entries; all `stride` apart.
+template <typename T>
+HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, const T* t, const T* s,
+                           int64_t stride, T* out) {
+  out[0] = f.s;
+  for (int64_t j = 0; j < d; ++j) out[(1 + j) * stride] = f.s1 * t[j * stride];
+  T* V = out + (1 + d) * stride;
+  switch (mode) {
+    case Mode::Full: {
+      int64_t p = 0;
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = f.s2 * t[a * stride];
+        for (int64_t b = a; b < d; ++b, ++p) {
+          T v = ta * t[b * stride];
+          if (s) v += f.s1 * s[p * stride];
+          V[p * stride] = v;
+        }
+      }
+      break;
+    }
+    case Mode::Diag:
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        T v = f.s2 * ta * ta;
+        if (s) v += f.s1 * s[a * stride];
+        V[a * stride] = v;
+      }
+      break;
+    case Mode::Trace: {
+      T acc = T(0);
+      for (int64_t a = 0; a < d; ++a) acc += t[a * stride] * t[a * stride];
+      V[0] = f.s2 * acc + (s ? f.s1 * s[0] : T(0));
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Adjoint of jet_step_neuron (DESIGN.md §4), in place: on entry g holds the
+// adjoint of the output (u_bar, U_bar, V_bar), on return the adjoint of the
+// input (z_bar, T_bar, S_bar):
+//   z_bar = s1 u_bar + s2 <U_bar, T> + <V_bar, s3 Phi(T) + s2 S>
+//   T_bar = s1 U_bar + adjoint of Phi applied to s2 V_bar
+//   S_bar = s1 V_bar
+template <typename T>
+HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, const T* t, const T* s,
+                              int64_t stride, T* g) {
+  T* Ub = g + stride;
+  T* Vb = g + (1 + d) * stride;
+  T acc = T(0);
+  for (int64_t j = 0; j < d; ++j) {
+    acc += Ub[j * stride] * t[j * stride];
+    Ub[j * stride] *= f.s1;
+  }
+  T zb = f.s1 * g[0] + f.s2 * acc;
+  switch (mode) {
+    case Mode::Full: {
+      int64_t p = 0;
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        for (int64_t b = a; b < d; ++b, ++p) {
+          const T tb = t[b * stride];
+          const T v = Vb[p * stride];
+          const T w = f.s2 * v;  // the adjoint of Phi
+          zb += v * (f.s3 * ta * tb + (s ? f.s2 * s[p * stride] : T(0)));
+          Ub[a * stride] += w * tb;
+          Ub[b * stride] += w * ta;
+          Vb[p * stride] = f.s1 * v;
+        }
+      }
+      break;
+    }
+    case Mode::Diag:
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        const T v = Vb[a * stride];
+        zb += v * (f.s3 * ta * ta + (s ? f.s2 * s[a * stride] : T(0)));
+        Ub[a * stride] += T(2) * f.s2 * v * ta;
+        Vb[a * stride] = f.s1 * v;
+      }
+      break;
+    case Mode::Trace: {
+      T phi = T(0);
+      for (int64_t a = 0; a < d; ++a) phi += t[a * stride] * t[a * stride];
+      const T v = Vb[0];
+      zb += v * (f.s3 * phi + (s ? f.s2 * s[0] : T(0)));
+      for (int64_t a = 0; a < d; ++a) Ub[a * stride] += T(2) * f.s2 * v * t[a * stride];
+      Vb[0] = f.s1 * v;
+      break;
+    }
+    default:
+      break;
+  }
+  g[0] = zb;
+}
+
+// The last layer's columns of one sample and one output k, `stride` (= m)
+// apart, into value, jacobian [d] and the hessian in the mode's shape for that
+// k ([d, d] | [d] | [1]; null for mode none).
+template <typename T>
+HM_HD void unpack_output(Mode mode, int64_t d, const T* col, int64_t stride, T* value, T* jac,
+                         T* hess) {
+  *value = col[0];
+  for (int64_t j = 0; j < d; ++j) jac[j] = col[(1 + j) * stride];
+  if (!hess) return;
+  const T* V = col + (1 + d) * stride;
+  switch (mode) {
+    case Mode::Full: {
+      int64_t p = 0;
+      for (int64_t a = 0; a < d; ++a)
+        for (int64_t b = a; b < d; ++b, ++p) hess[a * d + b] = hess[b * d + a] = V[p * stride];
+      break;
+    }
+    case Mode::Diag:
+      for (int64_t a = 0; a < d; ++a) hess[a] = V[a * stride];
+      break;
+    case Mode::Trace:
+      hess[0] = V[0];
+      break;
+    default:
+      break;
+  }
+}
+
+// Adjoint of unpack_output: gradients of one sample's and one output's value,
+// jacobian and hessian (any null for zero) into the adjoint of its column. A
+// full Hessian's pair (a, b), a < b, stands for both H[a, b] and H[b, a].
+template <typename T>
+HM_HD void pack_output_adjoint(Mode mode, int64_t d, const T* value, const T* jac, const T* hess,
+                               T* col, int64_t stride) {
+  col[0] = value ? *value : T(0);
+  for (int64_t j = 0; j < d; ++j) col[(1 + j) * stride] = jac ? jac[j] : T(0);
+  T* V = col + (1 + d) * stride;
+  int64_t p = 0;
+  switch (mode) {
+    case Mode::Full:
+      for (int64_t a = 0; a < d; ++a)
+        for (int64_t b = a; b < d; ++b, ++p)
+          V[p * stride] = !hess ? T(0) : a == b ? hess[a * d + a] : hess[a * d + b] + hess[b * d + a];
+      break;
+    case Mode::Diag:
+      for (int64_t a = 0; a < d; ++a) V[a * stride] = hess ? hess[a] : T(0);
+      break;
+    case Mode::Trace:
+      V[0] = hess ? hess[0] : T(0);
+      break;
+    default:
+      break;
+  }
+}
+
+// Packed pair p of a full Hessian -> (a, b), a <= b, row by row.
+HM_HD void pair_of(int64_t d, int64_t p, int64_t* a, int64_t* b) {
+  int64_t row = 0;
+  while (p >= d - row) {
+    p -= d - row;
+    ++row;
+  }
+  *a = row;
+  *b = row + p;
+}
+
+}  // namespace hessmlp
