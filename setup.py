@@ -29,7 +29,7 @@ def use_cuda():
 def extension():
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-DPy_LIMITED_API=0x03090000"]  # the C++ standard is the one torch asks for
+    # The C++ standard and -DPy_LIMITED_API (py_limited_api=True) are the ones torch sets.
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cuda_sources = rel("csrc/cuda/*.cu")

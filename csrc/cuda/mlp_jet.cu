@@ -1,0 +1,130 @@
+// CUDA kernels of hessmlp::mlp_jet: the stage pass of the forward jet, the
+// unpacking of the last layer's columns, and reverse-Gram's weighted Gram.
+// The GEMMs (cuBLAS through ATen) and their order are in csrc/jet_driver.cpp.
+#include "kernels.cuh"
+
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+namespace hessmlp {
+namespace cuda {
+namespace {
+
+template <typename T>
+__global__ void stage_forward_kernel(Mode mode, int64_t B, int64_t n, int64_t d, StageDesc stage,
+                                     StageInput<T> in, T* out, T* s1, T* s2) {
+  const int64_t C = 1 + d + n_pairs(mode, d);
+  HM_GRID_LOOP(idx, B * n) {
+    const int64_t b = idx / n, i = idx - b * n;
+    const Derivs<T> f = stage_eval<T>(stage, in.z_at(b, i));
+    if (s1) s1[idx] = f.s1;
+    if (s2) s2[idx] = f.s2;
+    const T* s = in.s_of(b);
+    jet_step_neuron<T>(mode, d, f, in.t_of(b) + i, s ? s + i : nullptr, n, out + b * C * n + i);
+  }
+}
+
+template <typename T>
+__global__ void unpack_kernel(Mode mode, int64_t B, int64_t m, int64_t d, int64_t C,
+                              int64_t h_per, const T* cols, T* value, T* jac, T* hess) {
+  HM_GRID_LOOP(r, B * m) {
+    const int64_t b = r / m, k = r - b * m;
+    unpack_output<T>(mode, d, cols + b * C * m + k, m, value + r, jac + r * d,
+                     hess ? hess + r * h_per : nullptr);
+  }
+}
+
+template <typename T>
+__global__ void gram_kernel(int64_t B, int64_t m, int64_t n, int64_t d, const T* w, const T* t,
+                            int64_t tb_stride, int64_t tr_stride, int64_t ti_stride, T* packed) {
+  const int64_t P = d * (d + 1) / 2;
+  HM_GRID_LOOP(idx, B * m * P) {
+    const int64_t bk = idx / P, p = idx - bk * P, b = bk / m;
+    int64_t a, c;
+    pair_of(d, p, &a, &c);
+    const T* wk = w + bk * n;
+    const T* ta = t + b * tb_stride + a * tr_stride;
+    const T* tc = t + b * tb_stride + c * tr_stride;
+    T acc = T(0);
+    for (int64_t i = 0; i < n; ++i) acc += wk[i] * ta[i * ti_stride] * tc[i * ti_stride];
+    packed[idx] += acc;
+  }
+}
+
+template <typename T>
+__global__ void unpack_packed_kernel(int64_t rows, int64_t d, const T* packed, T* hess) {
+  const int64_t P = d * (d + 1) / 2;
+  HM_GRID_LOOP(idx, rows * P) {
+    const int64_t r = idx / P, p = idx - r * P;
+    int64_t a, c;
+    pair_of(d, p, &a, &c);
+    hess[(r * d + a) * d + c] = packed[idx];
+    hess[(r * d + c) * d + a] = packed[idx];
+  }
+}
+
+}  // namespace
+
+void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cuda", [&] {
+    stage_forward_kernel<scalar_t><<<blocks_for(a.batch * a.n), kThreads, 0, stream>>>(
+        a.mode, a.batch, a.n, a.d, a.stage, stage_input<scalar_t>(a), out.data_ptr<scalar_t>(),
+        s1.defined() ? s1.data_ptr<scalar_t>() : nullptr,
+        s2.defined() ? s2.data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void unpack(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at::Tensor& jac,
+            at::Tensor& hess) {
+  const int64_t B = cols.size(0), C = cols.size(1), m = cols.size(2);
+  const int64_t h_per = mode == Mode::None ? 0 : hess.numel() / (B * m);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(cols.scalar_type(), "mlp_jet_unpack_cuda", [&] {
+    unpack_kernel<scalar_t><<<blocks_for(B * m), kThreads, 0, stream>>>(
+        mode, B, m, d, C, h_per, cols.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
+        jac.data_ptr<scalar_t>(), h_per ? hess.data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void gram(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed) {
+  const int64_t B = w.size(0), m = w.size(1), n = w.size(2), d = t.size(1);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mlp_jet_gram_cuda", [&] {
+    gram_kernel<scalar_t><<<blocks_for(B * m * d * (d + 1) / 2), kThreads, 0, stream>>>(
+        B, m, n, d, w.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), t.stride(0), t.stride(1),
+        t.stride(2), packed.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess) {
+  const int64_t rows = packed.size(0);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "mlp_jet_unpack_packed_cuda", [&] {
+    unpack_packed_kernel<scalar_t><<<blocks_for(rows * packed.size(1)), kThreads, 0, stream>>>(
+        rows, d, packed.data_ptr<scalar_t>(), hess.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_cuda(
+    const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+    at::IntArrayRef stage_sizes, at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
+    c10::string_view mode, c10::string_view method, bool save_state) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return mlp_jet_run(kernels(), x, weights, biases, stage_sizes, act_codes, act_params, mode,
+                     method, save_state);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace hessmlp
+
+TORCH_LIBRARY_IMPL(hessmlp, CUDA, m) {
+  m.impl("mlp_jet", &hessmlp::cuda::mlp_jet_cuda);
+}

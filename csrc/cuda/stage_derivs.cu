@@ -1,0 +1,51 @@
+// CUDA kernel of hessmlp::stage_derivs: the shared per-element math of
+// csrc/activations.h on the device, for tests against autograd.
+#include "kernels.cuh"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+namespace hessmlp {
+namespace cuda {
+namespace {
+
+template <typename T>
+__global__ void stage_derivs_kernel(int64_t N, StageDesc stage, const T* z, T* out) {
+  HM_GRID_LOOP(i, N) {
+    const Derivs<T> f = stage_eval<T>(stage, z[i]);
+    out[i] = f.s;
+    out[N + i] = f.s1;
+    out[2 * N + i] = f.s2;
+    out[3 * N + i] = f.s3;
+  }
+}
+
+at::Tensor stage_derivs_cuda(const at::Tensor& z_in, at::IntArrayRef act_codes,
+                             at::ArrayRef<double> act_params) {
+  TORCH_CHECK_TYPE(z_in.scalar_type() == at::kFloat || z_in.scalar_type() == at::kDouble,
+                   "hessmlp: z must be float32 or float64, got ", z_in.scalar_type());
+  const StageDesc st = make_stage(act_codes, act_params);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.contiguous();
+  std::vector<int64_t> shape{4};
+  shape.insert(shape.end(), z.sizes().begin(), z.sizes().end());
+  at::Tensor out = at::empty(shape, z.options());
+  const int64_t N = z.numel();
+  if (N == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "stage_derivs_cuda", [&] {
+    stage_derivs_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
+        N, st, z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace hessmlp
+
+TORCH_LIBRARY_IMPL(hessmlp, CUDA, m) {
+  m.impl("stage_derivs", &hessmlp::cuda::stage_derivs_cuda);
+}
