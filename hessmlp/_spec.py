@@ -31,6 +31,9 @@ ACT_CODES = {
     "gelu_tanh": 7, "relu": 8, "leaky_relu": 9, "elu": 10, "sin": 11, "square": 12,
 }
 
+# The most elementwise functions between two Linear layers (kMaxStageOps in csrc/jet_math.h).
+MAX_STAGE_FUNCTIONS = 8
+
 SUPPORTED = (
     "nn.Linear, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.SiLU, nn.GELU ('none' or 'tanh'), nn.ReLU, "
     "nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout (eval mode), hessmlp.Sine, nested nn.Sequential, "
@@ -452,7 +455,18 @@ def network_of(model: nn.Module) -> Network:
         shift = c * W0.sum(dim=1)
         weights[0] = a * W0
         biases[0] = shift if b0 is None else b0 + shift
-    # Drop no-op affine maps (e.g. "h * 1"); an empty stage is the identity in the kernels.
-    for s in stages:
-        s[:] = [a for a in s if not (a.name == "affine" and a.p0 == 1.0 and a.p1 == 0.0)]
+    for l, s in enumerate(stages):
+        # Merge runs of affine maps, then drop no-op ones ("h * 1"); an empty stage is the
+        # identity in the kernels.
+        merged: List[Act] = []
+        for a in s:
+            if a.name == "affine" and merged and merged[-1].name == "affine":
+                b = merged.pop()
+                a = Act("affine", a.p0 * b.p0, a.p0 * b.p1 + a.p1)
+            merged.append(a)
+        s[:] = [a for a in merged if not (a.name == "affine" and a.p0 == 1.0 and a.p1 == 0.0)]
+        if len(s) > MAX_STAGE_FUNCTIONS:
+            raise UnsupportedModelError(
+                f"hessmlp: {len(s)} elementwise functions follow {where[l]} before the next Linear "
+                f"layer; at most {MAX_STAGE_FUNCTIONS} are supported there")
     return Network(weights, biases, stages, where)

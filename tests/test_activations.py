@@ -6,7 +6,7 @@ import hessmlp
 from hessmlp._spec import ACT_CODES, Act
 from hessmlp.reference import stage_derivatives
 
-from helpers import DTYPES, RTOL
+from helpers import DEVICES, DTYPES, RTOL
 
 CASES = [
     [Act("identity")],
@@ -40,14 +40,15 @@ def _points(dtype):
     return z
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("stage", CASES, ids=lambda s: "+".join(a.name for a in s))
-def test_stage_derivs_match_autograd(stage, dtype):
-    z = _points(dtype)
+def test_stage_derivs_match_autograd(stage, dtype, device):
+    z = _points(dtype).to(device)
     codes = [ACT_CODES[a.name] for a in stage]
     params = [float(p) for a in stage for p in (a.p0, a.p1)]
     got = torch.ops.hessmlp.stage_derivs(z, codes, params)
-    ref = stage_derivatives(stage, z.double())
+    ref = [r.to(device) for r in stage_derivatives(stage, z.double().cpu())]
     scale_z = max(abs(a.p0) for a in stage) if any(a.name in ("sin", "affine") for a in stage) else 1.0
     assert torch.isfinite(got).all()
     for order in range(4):
@@ -60,19 +61,20 @@ def test_stage_derivs_match_autograd(stage, dtype):
         assert err <= tol, f"derivative {order}: error {err:.3e} > {tol:.3e}"
 
 
-def test_branch_points_follow_pytorch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_branch_points_follow_pytorch(device):
     # At the kinks PyTorch's autograd picks a side; the kernels pick the same one.
-    z = torch.tensor([0.0], dtype=torch.float64)
+    z = torch.tensor([0.0], dtype=torch.float64, device=device)
     for stage in ([Act("relu")], [Act("leaky_relu", 0.1)], [Act("elu", 0.3)], [Act("softplus", 2.0, 1.0)]):
         codes = [ACT_CODES[a.name] for a in stage]
         params = [float(p) for a in stage for p in (a.p0, a.p1)]
-        got = torch.ops.hessmlp.stage_derivs(z, codes, params)
-        ref = stage_derivatives(stage, z)
+        got = torch.ops.hessmlp.stage_derivs(z, codes, params).cpu()
+        ref = stage_derivatives(stage, z.cpu())
         for order in range(4):
             assert torch.equal(got[order], ref[order]), (stage, order)
     # Softplus exactly at its threshold: smooth first derivative, zero second and third (as autograd).
     z = torch.tensor([0.4999999, 0.5, 0.5000001], dtype=torch.float64)
-    got = torch.ops.hessmlp.stage_derivs(z, [ACT_CODES["softplus"]], [2.0, 1.0])
+    got = torch.ops.hessmlp.stage_derivs(z.to(device), [ACT_CODES["softplus"]], [2.0, 1.0]).cpu()
     ref = stage_derivatives([Act("softplus", 2.0, 1.0)], z)
     assert torch.allclose(got, torch.stack(ref), rtol=1e-12, atol=0)
 
@@ -82,3 +84,8 @@ def test_stage_derivs_rejects_bad_codes():
         torch.ops.hessmlp.stage_derivs(torch.zeros(3), [99], [0.0, 0.0])
     with pytest.raises(ValueError, match="act_params"):
         torch.ops.hessmlp.stage_derivs(torch.zeros(3), [2], [0.0])
+
+
+def test_stage_derivs_rejects_too_many_functions():
+    with pytest.raises(ValueError, match="at most 8 activation codes"):
+        torch.ops.hessmlp.stage_derivs(torch.zeros(3), [2] * 9, [0.0] * 18)

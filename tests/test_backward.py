@@ -6,7 +6,7 @@ from torch import nn
 
 import hessmlp
 
-from helpers import ACTIVATIONS, DTYPES, assert_rel_close, func_jet, random_configs, random_mlp
+from helpers import ACTIVATIONS, DEVICES, DTYPES, assert_rel_close, func_jet, random_configs, random_mlp
 
 ACT = dict(ACTIVATIONS)
 MODES = ["full", "diag", "trace", None]
@@ -38,12 +38,14 @@ def _gradcheck(model, x, mode, output=None, method="auto"):
                                     eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("act", [a for a, _ in ACTIVATIONS])
-def test_gradcheck(act, mode):
+def test_gradcheck(act, mode, device):
     for bias, final_act, output in ((True, False, None), (False, True, 1)):
-        model = random_mlp(2, [4, 3], 2, ACT[act], bias=bias, final_act=final_act, seed=3)
-        x = torch.randn(3, 2, dtype=f64)
+        model = random_mlp(2, [4, 3], 2, ACT[act], bias=bias, final_act=final_act, seed=3,
+                           device=device)
+        x = torch.randn(3, 2, dtype=f64, device=device)
         _gradcheck(model, x, mode, output)
 
 
@@ -89,14 +91,15 @@ def _compare_grads(model, x, mode, output=None, method="auto", what="", seed=0):
             f"{what} grad {name}: max error {err:.3e} > {GRAD_RTOL[dtype]:.0e} * {scale:.3e}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("act", [a for a, _ in ACTIVATIONS])
-def test_gradients_against_torch_func(act, mode, dtype):
+def test_gradients_against_torch_func(act, mode, dtype, device):
     for i, (d, widths, m, bias, final_act) in enumerate(CONFIGS):
         model = random_mlp(d, widths, m, ACT[act], bias=bias, dtype=dtype, seed=i,
-                           final_act=final_act)
-        x = torch.randn(4, d, dtype=dtype)
+                           final_act=final_act, device=device)
+        x = torch.randn(4, d, dtype=dtype, device=device)
         tag = f"{act} {mode} d={d} widths={widths} m={m} bias={bias} final_act={final_act}"
         _compare_grads(model, x, mode, what=tag, seed=i)
         _compare_grads(model, x, mode, output=m - 1, what=tag + " output", seed=i)
@@ -116,9 +119,10 @@ def test_gradients_of_traced_models(make, d):
         _compare_grads(model, torch.randn(5, d, dtype=f64), mode, what=type(model).__name__)
 
 
-def test_reverse_method_gradients_match_forward():
-    model = random_mlp(4, [9, 7], 3, nn.SiLU, seed=2)
-    x = torch.randn(6, 4, dtype=f64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_method_gradients_match_forward(device):
+    model = random_mlp(4, [9, 7], 3, nn.SiLU, seed=2, device=device)
+    x = torch.randn(6, 4, dtype=f64, device=device)
     _compare_grads(model, x, "full", method="reverse", what="reverse")
 
 

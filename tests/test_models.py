@@ -270,3 +270,26 @@ def test_mlp_builder():
         hessmlp.MLP(3, [4, 0], 1)
     net = hessmlp.MLP(3, [4], 1, activation=nn.Softplus(beta=3.0))
     assert net[1].beta == 3.0
+
+
+def test_affine_runs_are_merged_and_long_stages_refused():
+    class ManyAffine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            for _ in range(12):
+                h = h * 1.1 + 0.1
+            return self.b(torch.tanh(h))
+
+    model = ManyAffine().double()
+    net = hessmlp.network_of(model)
+    assert [a.name for a in net.stages[0]] == ["affine", "tanh"]
+    x = torch.randn(3, 2, dtype=f64)
+    assert_rel_close(hessmlp.hessian(model, x), func_reference(model, x)[2], f64)
+
+    deep = nn.Sequential(nn.Linear(2, 3), *[nn.Tanh() for _ in range(9)], nn.Linear(3, 1))
+    with pytest.raises(UnsupportedModelError, match=r"9 elementwise functions follow model\[0\]"):
+        hessmlp.network_of(deep)

@@ -6,15 +6,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hessmlp
 
-from helpers import random_mlp
+from helpers import DEVICES, random_mlp
 
 f64 = torch.float64
 
 
-def _args(mode, method, dtype=f64, B=4, d=3, bias=True, requires_grad=False, save=False):
-    model = random_mlp(d, [6, 5], 2, nn.Tanh, dtype=dtype, bias=bias, final_act=True)
+def _args(mode, method, dtype=f64, B=4, d=3, bias=True, requires_grad=False, save=False,
+          device="cpu"):
+    model = random_mlp(d, [6, 5], 2, nn.Tanh, dtype=dtype, bias=bias, final_act=True, device=device)
     net = hessmlp.network_of(model)
-    x = torch.randn(B, d, dtype=dtype, requires_grad=requires_grad)
+    x = torch.randn(B, d, dtype=dtype, requires_grad=requires_grad, device=device)
     w = [t.detach().clone().requires_grad_(requires_grad) for t in net.weights]
     b = [None if t is None else t.detach().clone().requires_grad_(requires_grad) for t in net.biases]
     return (x, w, b, net.stage_sizes, net.act_codes, net.act_params, mode, method, save)
@@ -74,8 +75,8 @@ def test_backward_fake_kernel_matches_real(mode, mask, bias):
 
 
 OPCHECK_SAMPLES = [
-    dict(mode=mode, method=method, save=save, requires_grad=True)
-    for mode, method in CASES for save in (False, True)
+    dict(mode=mode, method=method, save=save, requires_grad=True, device=device)
+    for mode, method in CASES for save in (False, True) for device in DEVICES
 ] + [
     dict(mode="trace", method="forward", save=True, requires_grad=True, bias=False),
     dict(mode="diag", method="forward", save=True, requires_grad=False),
@@ -93,9 +94,10 @@ def test_opcheck_mlp_jet(sample):
     torch.library.opcheck(torch.ops.hessmlp.mlp_jet.default, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["full", "trace"])
-def test_opcheck_mlp_jet_backward(mode):
-    x, w, b, *rest, method, save = _args(mode, "forward", save=True)
+def test_opcheck_mlp_jet_backward(mode, device):
+    x, w, b, *rest, method, save = _args(mode, "forward", save=True, device=device)
     value, jac, hess, state = torch.ops.hessmlp.mlp_jet(x, w, b, *rest, method, save)
     for st in (state, []):
         args = (torch.randn_like(value), torch.randn_like(jac), None, x, w, b, *rest, st,
@@ -103,9 +105,10 @@ def test_opcheck_mlp_jet_backward(mode):
         torch.library.opcheck(torch.ops.hessmlp.mlp_jet_backward.default, args)
 
 
-def test_opcheck_stage_derivs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_stage_derivs(device):
     torch.library.opcheck(torch.ops.hessmlp.stage_derivs.default,
-                          (torch.randn(3, 4, dtype=f64), [2, 1], [0.0, 0.0, 2.0, 1.0]))
+                          (torch.randn(3, 4, dtype=f64, device=device), [2, 1], [0.0, 0.0, 2.0, 1.0]))
 
 
 def test_stage_derivs_has_no_backward():
@@ -129,10 +132,11 @@ class PinnNet(nn.Module):
         return self.layers[-1](h)
 
 
-def _pinn_problem(dtype=f64, make=lambda: hessmlp.MLP(2, [16, 16], 1, activation="tanh")):
+def _pinn_problem(dtype=f64, make=lambda: hessmlp.MLP(2, [16, 16], 1, activation="tanh"),
+                  device="cpu"):
     torch.manual_seed(0)
-    model = make().to(dtype)
-    x = torch.rand(64, 2, dtype=dtype)
+    model = make().to(dtype=dtype, device=device)
+    x = torch.rand(64, 2, dtype=dtype, device=device)
     f = torch.sin(3 * x[:, 0]) * x[:, 1]
     return model, x, f
 
@@ -153,11 +157,12 @@ def _grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_compile_fullgraph_training_step():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_training_step(device):
     """A whole PINN step, Laplacian loss and backward, in one graph: same loss and gradients
     as eager. (torch.func's double backward breaks here: pytorch issues 91469, 183603.)"""
     torch._dynamo.reset()
-    model, x, f = _pinn_problem()
+    model, x, f = _pinn_problem(device=device)
     eager_loss = _pinn_step(model, x, f)
     eager = _grads(model)
     model.zero_grad()
