@@ -121,6 +121,19 @@ StageDesc make_stage(at::IntArrayRef act_codes, at::ArrayRef<double> act_params)
   return st;
 }
 
+StageDerivsCall prepare_stage_derivs(const at::Tensor& z, at::IntArrayRef act_codes,
+                                     at::ArrayRef<double> act_params) {
+  TORCH_CHECK_TYPE(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+                   "hessmlp: z must be float32 or float64, got ", z.scalar_type());
+  StageDerivsCall call;
+  call.stage = make_stage(act_codes, act_params);
+  call.z = z.contiguous();
+  std::vector<int64_t> shape{4};
+  shape.insert(shape.end(), z.sizes().begin(), z.sizes().end());
+  call.out = at::empty(shape, z.options());
+  return call;
+}
+
 StageDesc stage_desc(const NetSpec& net, int64_t l, at::IntArrayRef act_codes,
                      at::ArrayRef<double> act_params) {
   StageDesc st;

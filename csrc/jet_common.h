@@ -57,6 +57,15 @@ std::vector<int64_t> hessian_shape(const NetSpec& net);
 // and their number).
 StageDesc make_stage(at::IntArrayRef act_codes, at::ArrayRef<double> act_params);
 
+// The stage_derivs op's checks and output, shared by its kernels: z contiguous,
+// out [4, *z.shape], the stage as a kernel argument.
+struct StageDerivsCall {
+  at::Tensor z, out;
+  StageDesc stage;
+};
+StageDerivsCall prepare_stage_derivs(const at::Tensor& z, at::IntArrayRef act_codes,
+                                     at::ArrayRef<double> act_params);
+
 // The stage after Linear l as a kernel argument.
 StageDesc stage_desc(const NetSpec& net, int64_t l, at::IntArrayRef act_codes,
                      at::ArrayRef<double> act_params);

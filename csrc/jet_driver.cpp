@@ -3,6 +3,7 @@
 #include "jet_driver.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 namespace hessmlp {
 namespace {
@@ -129,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_
     c10::string_view method, bool save_state) {
   const NetSpec spec = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
                                     mode, method);
+  const c10::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t B = spec.batch, d = spec.d, m = spec.m();
   at::Tensor value = at::empty({B, m}, x.options());
@@ -156,6 +158,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
   const NetSpec spec = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
                                     mode, "forward");
   check_backward_inputs(spec, x_in, grad_value, grad_jacobian, grad_hessian, saved);
+  const c10::DeviceGuard guard(x_in.device());
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   const int64_t B = spec.batch, d = spec.d, m = spec.m(), L = spec.n_layers();
   const int64_t P = spec.pairs();

@@ -63,6 +63,7 @@ struct Kernels {
   void (*unpack_packed)(int64_t d, const at::Tensor& packed, at::Tensor& hess);
 };
 
+// The op entries: checks, a device guard, then the algorithm with k's passes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_run(
     const Kernels& k, const at::Tensor& x, at::TensorList weights,
     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
@@ -75,5 +76,44 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
     const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
     at::IntArrayRef stage_sizes, at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
     c10::string_view mode, at::TensorList state, std::array<bool, 3> output_mask);
+
+// A backend's kernel registrations: mlp_jet_op<&backend::kernels> and
+// mlp_jet_backward_op<&backend::kernels> have the ops' schemas.
+template <const Kernels& (*K)()>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_op(
+    const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+    at::IntArrayRef stage_sizes, at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
+    c10::string_view mode, c10::string_view method, bool save_state) {
+  return mlp_jet_run(K(), x, weights, biases, stage_sizes, act_codes, act_params, mode, method,
+                     save_state);
+}
+
+template <const Kernels& (*K)()>
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet_backward_op(
+    const std::optional<at::Tensor>& grad_value, const std::optional<at::Tensor>& grad_jacobian,
+    const std::optional<at::Tensor>& grad_hessian, const at::Tensor& x, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
+    at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
+    at::TensorList state, std::array<bool, 3> output_mask) {
+  return mlp_jet_backward_run(K(), grad_value, grad_jacobian, grad_hessian, x, weights, biases,
+                              stage_sizes, act_codes, act_params, mode, state, output_mask);
+}
+
+// Declares a backend's elementwise passes (defined in its mlp_jet and
+// mlp_jet_backward files) and kernels(), the Kernels made of them.
+#define HESSMLP_DECLARE_KERNELS()                                                              \
+  void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2);     \
+  void unpack(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at::Tensor& jac, \
+              at::Tensor& hess);                                                               \
+  void gram(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed);                     \
+  void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess);                   \
+  void stage_adjoint(const StageArgs& a, at::Tensor& g);                                       \
+  void pack_adjoint(Mode mode, int64_t d, const at::Tensor& value, const at::Tensor& jac,      \
+                    const at::Tensor& hess, at::Tensor& g);                                    \
+  inline const Kernels& kernels() {                                                            \
+    static const Kernels k{&stage_forward, &stage_adjoint, &unpack, &pack_adjoint, &gram,      \
+                           &unpack_packed};                                                    \
+    return k;                                                                                  \
+  }
 
 }  // namespace hessmlp

@@ -106,20 +106,9 @@ void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess) {
   });
 }
 
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_cpu(
-    const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-    at::IntArrayRef stage_sizes, at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
-    c10::string_view mode, c10::string_view method, bool save_state) {
-  return mlp_jet_run(kernels(), x, weights, biases, stage_sizes, act_codes, act_params, mode,
-                     method, save_state);
-}
-
-}  // namespace
 }  // namespace cpu
 }  // namespace hessmlp
 
 TORCH_LIBRARY_IMPL(hessmlp, CPU, m) {
-  m.impl("mlp_jet", &hessmlp::cpu::mlp_jet_cpu);
+  m.impl("mlp_jet", &hessmlp::mlp_jet_op<&hessmlp::cpu::kernels>);
 }

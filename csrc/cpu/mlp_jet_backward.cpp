@@ -51,23 +51,9 @@ void pack_adjoint(Mode mode, int64_t d, const at::Tensor& value, const at::Tenso
   });
 }
 
-namespace {
-
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet_backward_cpu(
-    const std::optional<at::Tensor>& grad_value, const std::optional<at::Tensor>& grad_jacobian,
-    const std::optional<at::Tensor>& grad_hessian, const at::Tensor& x, at::TensorList weights,
-    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
-    at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
-    at::TensorList state, std::array<bool, 3> output_mask) {
-  return mlp_jet_backward_run(kernels(), grad_value, grad_jacobian, grad_hessian, x, weights,
-                              biases, stage_sizes, act_codes, act_params, mode, state,
-                              output_mask);
-}
-
-}  // namespace
 }  // namespace cpu
 }  // namespace hessmlp
 
 TORCH_LIBRARY_IMPL(hessmlp, CPU, m) {
-  m.impl("mlp_jet_backward", &hessmlp::cpu::mlp_jet_backward_cpu);
+  m.impl("mlp_jet_backward", &hessmlp::mlp_jet_backward_op<&hessmlp::cpu::kernels>);
 }

@@ -13,20 +13,14 @@ namespace {
 
 at::Tensor stage_derivs_cpu(const at::Tensor& z_in, at::IntArrayRef act_codes,
                             at::ArrayRef<double> act_params) {
-  TORCH_CHECK_TYPE(z_in.scalar_type() == at::kFloat || z_in.scalar_type() == at::kDouble,
-                   "hessmlp: z must be float32 or float64, got ", z_in.scalar_type());
-  const StageDesc st = make_stage(act_codes, act_params);
-  const at::Tensor z = z_in.contiguous();
-  std::vector<int64_t> shape{4};
-  shape.insert(shape.end(), z.sizes().begin(), z.sizes().end());
-  at::Tensor out = at::empty(shape, z.options());
-  const int64_t N = z.numel();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "stage_derivs_cpu", [&] {
-    const scalar_t* zp = z.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
+  const StageDerivsCall c = prepare_stage_derivs(z_in, act_codes, act_params);
+  const int64_t N = c.z.numel();
+  AT_DISPATCH_FLOATING_TYPES(c.z.scalar_type(), "stage_derivs_cpu", [&] {
+    const scalar_t* zp = c.z.data_ptr<scalar_t>();
+    scalar_t* o = c.out.data_ptr<scalar_t>();
     at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const Derivs<scalar_t> f = stage_eval<scalar_t>(st, zp[i]);
+        const Derivs<scalar_t> f = stage_eval<scalar_t>(c.stage, zp[i]);
         o[i] = f.s;
         o[N + i] = f.s1;
         o[2 * N + i] = f.s2;
@@ -34,7 +28,7 @@ at::Tensor stage_derivs_cpu(const at::Tensor& z_in, at::IntArrayRef act_codes,
       }
     });
   });
-  return out;
+  return c.out;
 }
 
 }  // namespace

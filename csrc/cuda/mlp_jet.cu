@@ -110,21 +110,9 @@ void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess) {
   });
 }
 
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_cuda(
-    const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-    at::IntArrayRef stage_sizes, at::IntArrayRef act_codes, at::ArrayRef<double> act_params,
-    c10::string_view mode, c10::string_view method, bool save_state) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return mlp_jet_run(kernels(), x, weights, biases, stage_sizes, act_codes, act_params, mode,
-                     method, save_state);
-}
-
-}  // namespace
 }  // namespace cuda
 }  // namespace hessmlp
 
 TORCH_LIBRARY_IMPL(hessmlp, CUDA, m) {
-  m.impl("mlp_jet", &hessmlp::cuda::mlp_jet_cuda);
+  m.impl("mlp_jet", &hessmlp::mlp_jet_op<&hessmlp::cuda::kernels>);
 }

@@ -23,23 +23,17 @@ __global__ void stage_derivs_kernel(int64_t N, StageDesc stage, const T* z, T* o
 
 at::Tensor stage_derivs_cuda(const at::Tensor& z_in, at::IntArrayRef act_codes,
                              at::ArrayRef<double> act_params) {
-  TORCH_CHECK_TYPE(z_in.scalar_type() == at::kFloat || z_in.scalar_type() == at::kDouble,
-                   "hessmlp: z must be float32 or float64, got ", z_in.scalar_type());
-  const StageDesc st = make_stage(act_codes, act_params);
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const at::Tensor z = z_in.contiguous();
-  std::vector<int64_t> shape{4};
-  shape.insert(shape.end(), z.sizes().begin(), z.sizes().end());
-  at::Tensor out = at::empty(shape, z.options());
-  const int64_t N = z.numel();
-  if (N == 0) return out;
+  const StageDerivsCall c = prepare_stage_derivs(z_in, act_codes, act_params);
+  const int64_t N = c.z.numel();
+  if (N == 0) return c.out;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "stage_derivs_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(c.z.scalar_type(), "stage_derivs_cuda", [&] {
     stage_derivs_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
-        N, st, z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+        N, c.stage, c.z.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return c.out;
 }
 
 }  // namespace
