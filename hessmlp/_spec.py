@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -386,22 +385,51 @@ class _FxChain:
         raise _refuse(where, op)
 
 
-# Traced chains are cached per model (and its training flag, which fx bakes in).
-_FX_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# The structure of a model is kept on the model itself (per training flag, which fx
+# bakes in), so that compiled code reads it as a constant attribute.
+_CACHE_ATTR = "_hessmlp_structure"
+
+# torch.compiler.assume_constant_result takes a module argument from torch 2.13 on.
+_CONSTANT_OF_MODULE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
-@torch.compiler.assume_constant_result
-def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
-    """The structure of ``model`` (plain data; a constant for torch.compile)."""
+def _compute_steps(model: nn.Module) -> Tuple[Step, ...]:
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
         return tuple(_module_steps(model, "model", ""))
     if type(model) in _DIRECT:
         return tuple(_module_steps(model, "model", ""))
-    per_model = _FX_CACHE.setdefault(model, {})
+    return tuple(_FxChain(model, type(model).__name__).steps())
+
+
+def _cached_steps(model: nn.Module) -> Tuple[Step, ...]:
+    cache = model.__dict__.setdefault(_CACHE_ATTR, {})
     key = model.training
-    if key not in per_model:
-        per_model[key] = tuple(_FxChain(model, type(model).__name__).steps())
-    return per_model[key]
+    traced = not (isinstance(model, nn.Sequential) or type(model) in _DIRECT)
+    if traced and key in cache:
+        return cache[key]
+    # Sequential models are read again on every eager call (cheap), so that edits to them
+    # are seen; the cache entry is only replaced when the structure changed.
+    steps = _compute_steps(model)
+    if cache.get(key) != steps:
+        cache[key] = steps
+    return cache[key]
+
+
+_constant_steps = torch.compiler.assume_constant_result(_cached_steps)
+
+
+def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
+    """The structure of ``model``: plain data, read once per model (and training flag)."""
+    if not torch.compiler.is_compiling():
+        return _cached_steps(model)
+    cache = getattr(model, _CACHE_ATTR, None)
+    if cache is not None and model.training in cache:
+        return cache[model.training]
+    if _CONSTANT_OF_MODULE:
+        return _constant_steps(model)
+    # Older torch: Sequential models are traced through; a model that torch.fx must read
+    # needs one eager hessmlp call before compiling (see the README).
+    return _compute_steps(model)
 
 
 # Single modules that are read directly rather than traced.

@@ -260,6 +260,30 @@ def test_fx_cache_follows_parameter_updates_and_train_mode():
     assert not torch.equal(h1, h2)
 
 
+def test_structure_cache_follows_edits_and_train_mode():
+    seq = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(3, 2, dtype=f64)
+    hessmlp.hessian(seq, x)
+    seq.append(nn.Tanh())  # a Sequential is read again on every eager call
+    assert_rel_close(hessmlp.hessian(seq, x), func_reference(seq, x)[2], f64)
+
+    class WithDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.drop = nn.Linear(2, 4), nn.Linear(4, 1), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.b(self.drop(torch.tanh(self.a(x))))
+
+    model = WithDropout().double().eval()
+    assert_rel_close(hessmlp.hessian(model, x), func_reference(model, x)[2], f64)
+    model.train()
+    with pytest.raises(UnsupportedModelError, match="training mode"):
+        hessmlp.hessian(model, x)
+    model.eval()
+    assert_rel_close(hessmlp.hessian(model, x), func_reference(model, x)[2], f64)
+
+
 def test_mlp_builder():
     net = hessmlp.MLP(3, hidden=[8, 8], out_features=2, activation="gelu_tanh")
     assert isinstance(net, nn.Sequential) and len(net) == 5

@@ -203,3 +203,13 @@ def test_compile_refuses_unsupported_models_by_name():
     model = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1))
     with pytest.raises(Exception, match=r"LayerNorm at model\[1\] is not supported"):
         torch.compile(lambda x: hessmlp.laplacian(model, x), fullgraph=True)(torch.randn(3, 2))
+
+
+@pytest.mark.skipif(not hessmlp._spec._CONSTANT_OF_MODULE,
+                    reason="torch < 2.13 needs one eager call on a torch.fx-read model first")
+def test_compile_user_class_without_eager_warmup():
+    torch._dynamo.reset()
+    model, x, f = _pinn_problem(make=PinnNet)
+    assert not hasattr(model, "_hessmlp_structure")
+    loss = torch.compile(_pinn_loss, fullgraph=True)(model, x, f)
+    torch.testing.assert_close(loss, _pinn_loss(model, x, f), rtol=1e-12, atol=0)
