@@ -56,9 +56,56 @@ HM_HD T hm_sigmoid(T z) {
   return e / (T(1) + e);
 }
 
-// Value and first three derivatives of one elementwise function at z.
+// The transcendental values a function needs at z (unused ones are 0). The CPU
+// computes them for a whole layer at once with vectorised ATen ops
+// (csrc/cpu/derivs.cpp), the GPU per thread here; act_from_prims does the rest.
+//   tanh: a = tanh z                  sigmoid, silu: a = sigmoid z
+//   softplus: a = sigmoid(beta z), b = softplus z      gelu: a = erf(z/sqrt 2), b = exp(-z^2/2)
+//   gelu_tanh: a = tanh(k0 (z + k1 z^3))              elu: a = exp(min(z, 0))
+//   sin: a = sin(w0 z), b = cos(w0 z)
 template <typename T>
-HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
+struct Prims {
+  T a, b;
+};
+
+constexpr double kGeluK0 = 0.79788456080286535587989211986876373695171726232986;  // sqrt(2/pi)
+constexpr double kGeluK1 = 0.044715;
+constexpr double kInvSqrt2 = 0.70710678118654752440084436210484903928483593768847;
+constexpr double kInvSqrt2Pi = 0.39894228040143267793994605993438186847585863116493;
+
+template <typename T>
+HM_HD Prims<T> act_prims(int code, T p0, T p1, T z) {
+  Prims<T> r{T(0), T(0)};
+  switch (code) {
+    case ACT_TANH: r.a = HM_MATH(tanh)(z); break;
+    case ACT_SIGMOID:
+    case ACT_SILU: r.a = hm_sigmoid(z); break;
+    case ACT_SOFTPLUS: {
+      // PyTorch: z*beta > threshold ? z : log1p(exp(z*beta)) / beta
+      const T bz = z * p0;
+      r.a = hm_sigmoid(bz);
+      r.b = bz > p1 ? z : HM_MATH(log1p)(HM_MATH(exp)(bz)) / p0;
+      break;
+    }
+    case ACT_GELU:
+      r.a = HM_MATH(erf)(z * T(kInvSqrt2));
+      r.b = HM_MATH(exp)(T(-0.5) * z * z);
+      break;
+    case ACT_GELU_TANH: r.a = HM_MATH(tanh)(T(kGeluK0) * (z + T(kGeluK1) * z * z * z)); break;
+    case ACT_ELU: r.a = HM_MATH(exp)(z < T(0) ? z : T(0)); break;
+    case ACT_SIN:
+      r.a = HM_MATH(sin)(p0 * z);
+      r.b = HM_MATH(cos)(p0 * z);
+      break;
+    default: break;
+  }
+  return r;
+}
+
+// Value and first three derivatives of one elementwise function at z, from its
+// transcendental values (act_prims).
+template <typename T>
+HM_HD Derivs<T> act_from_prims(int code, T p0, T p1, T z, const Prims<T>& pr) {
   Derivs<T> r{z, T(1), T(0), T(0)};
   switch (code) {
     case ACT_AFFINE:
@@ -66,8 +113,8 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       r.s1 = p0;
       break;
     case ACT_TANH: {
-      T t = HM_MATH(tanh)(z);
-      T d1 = T(1) - t * t;
+      const T t = pr.a;
+      const T d1 = T(1) - t * t;
       r.s = t;
       r.s1 = d1;
       r.s2 = T(-2) * t * d1;
@@ -75,8 +122,8 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       break;
     }
     case ACT_SIGMOID: {
-      T sg = hm_sigmoid(z);
-      T q = sg * (T(1) - sg);
+      const T sg = pr.a;
+      const T q = sg * (T(1) - sg);
       r.s = sg;
       r.s1 = q;
       r.s2 = q * (T(1) - T(2) * sg);
@@ -84,18 +131,15 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       break;
     }
     case ACT_SOFTPLUS: {
-      // PyTorch: z*beta > threshold ? z : log1p(exp(z*beta)) / beta. Its second
-      // derivative (softplus_double_backward) is nonzero only for z*beta < threshold,
-      // so exactly at the threshold s1 is smooth and s2 = s3 = 0, as in autograd.
-      T bz = z * p0;
-      if (bz > p1) {
-        r.s = z;  // linear branch: s1 = 1, s2 = s3 = 0
-      } else {
-        T sg = hm_sigmoid(bz);
-        r.s = HM_MATH(log1p)(HM_MATH(exp)(bz)) / p0;
+      // The second derivative (softplus_double_backward) is nonzero only for
+      // z*beta < threshold, so exactly at the threshold s1 is smooth and s2 = s3 = 0.
+      const T bz = z * p0;
+      r.s = pr.b;
+      if (!(bz > p1)) {
+        const T sg = pr.a;
         r.s1 = sg;
         if (bz < p1) {
-          T q = sg * (T(1) - sg);
+          const T q = sg * (T(1) - sg);
           r.s2 = p0 * q;
           r.s3 = p0 * p0 * q * (T(1) - T(2) * sg);
         }
@@ -103,9 +147,9 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       break;
     }
     case ACT_SILU: {
-      T sg = hm_sigmoid(z);
-      T q = sg * (T(1) - sg);
-      T a = T(1) - T(2) * sg;
+      const T sg = pr.a;
+      const T q = sg * (T(1) - sg);
+      const T a = T(1) - T(2) * sg;
       r.s = z * sg;
       r.s1 = sg + z * q;
       r.s2 = q * (T(2) + z * a);
@@ -113,10 +157,8 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       break;
     }
     case ACT_GELU: {
-      const T inv_sqrt2 = T(0.70710678118654752440084436210484903928483593768847);
-      const T inv_sqrt2pi = T(0.39894228040143267793994605993438186847585863116493);
-      T cdf = T(0.5) * (T(1) + HM_MATH(erf)(z * inv_sqrt2));
-      T pdf = inv_sqrt2pi * HM_MATH(exp)(T(-0.5) * z * z);
+      const T cdf = T(0.5) * (T(1) + pr.a);
+      const T pdf = T(kInvSqrt2Pi) * pr.b;
       r.s = z * cdf;
       r.s1 = cdf + z * pdf;
       r.s2 = pdf * (T(2) - z * z);
@@ -124,17 +166,16 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       break;
     }
     case ACT_GELU_TANH: {
-      const T k0 = T(0.79788456080286535587989211986876373695171726232986);  // sqrt(2/pi)
-      const T k1 = T(0.044715);
-      T z2 = z * z;
-      T u1 = k0 * (T(1) + T(3) * k1 * z2);  // du/dz
-      T u2 = T(6) * k0 * k1 * z;            // d2u/dz2
-      T u3 = T(6) * k0 * k1;                // d3u/dz3
-      T t = HM_MATH(tanh)(k0 * (z + k1 * z2 * z));
-      T h = T(1) - t * t;
-      T t1 = h * u1;
-      T t2 = h * (u2 - T(2) * t * u1 * u1);
-      T t3 = h * (u3 - T(6) * t * u1 * u2 + (T(4) * t * t - T(2) * h) * u1 * u1 * u1);
+      const T k0 = T(kGeluK0), k1 = T(kGeluK1);
+      const T z2 = z * z;
+      const T u1 = k0 * (T(1) + T(3) * k1 * z2);  // du/dz
+      const T u2 = T(6) * k0 * k1 * z;            // d2u/dz2
+      const T u3 = T(6) * k0 * k1;                // d3u/dz3
+      const T t = pr.a;
+      const T h = T(1) - t * t;
+      const T t1 = h * u1;
+      const T t2 = h * (u2 - T(2) * t * u1 * u1);
+      const T t3 = h * (u3 - T(6) * t * u1 * u2 + (T(4) * t * t - T(2) * h) * u1 * u1 * u1);
       r.s = T(0.5) * z * (T(1) + t);
       r.s1 = T(0.5) * (T(1) + t) + T(0.5) * z * t1;
       r.s2 = t1 + T(0.5) * z * t2;
@@ -164,7 +205,7 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       if (z > T(0)) {
         r.s = z;
       } else {
-        T e = p0 * HM_MATH(exp)(z);
+        const T e = p0 * pr.a;
         r.s = e - p0;
         r.s1 = e;
         if (z < T(0)) {
@@ -174,8 +215,7 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       }
       break;
     case ACT_SIN: {
-      T sn = HM_MATH(sin)(p0 * z);
-      T cs = HM_MATH(cos)(p0 * z);
+      const T sn = pr.a, cs = pr.b;
       r.s = sn;
       r.s1 = p0 * cs;
       r.s2 = -p0 * p0 * sn;
@@ -191,6 +231,12 @@ HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
       break;
   }
   return r;
+}
+
+// Value and first three derivatives of one elementwise function at z.
+template <typename T>
+HM_HD Derivs<T> act_eval(int code, T p0, T p1, T z) {
+  return act_from_prims<T>(code, p0, p1, z, act_prims<T>(code, p0, p1, z));
 }
 
 // f = g(h(z)): given h's derivatives at z and g's derivatives at h(z).

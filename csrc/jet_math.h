@@ -58,25 +58,39 @@ struct StageInput {
   HM_HD const T* s_of(int64_t b) const { return s ? s + b * s_stride : nullptr; }
 };
 
+// The functions below are written for a "lane" type T: a scalar (one neuron, as
+// every CUDA thread and the CPU's scalar tail use it) or a small pack of
+// neurons (csrc/cpu/lanes.h, W neighbouring neurons at once on the CPU). In and
+// Out are pointer-like: p[k] reads (or is assigned) the entry k of the lane's
+// row, and they are false when null. Every read goes into a local first.
+
 // One neuron through a stage with derivatives f (DESIGN.md §2):
 //   u = s(z),  U = s1 T,  V = s2 Phi(T) + s1 S
 // t: its d first-derivative entries, s: its P second-order entries or null,
 // out: its 1 + d + P output entries; all `stride` apart.
-template <typename T>
-HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, const T* t, const T* s,
-                           int64_t stride, T* out) {
+template <typename T, typename In, typename Out>
+HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In s, int64_t stride,
+                           Out out) {
   out[0] = f.s;
-  for (int64_t j = 0; j < d; ++j) out[(1 + j) * stride] = f.s1 * t[j * stride];
-  T* V = out + (1 + d) * stride;
+  for (int64_t j = 0; j < d; ++j) {
+    const T tj = t[j * stride];
+    out[(1 + j) * stride] = f.s1 * tj;
+  }
+  const int64_t v0 = (1 + d) * stride;
   switch (mode) {
     case Mode::Full: {
       int64_t p = 0;
       for (int64_t a = 0; a < d; ++a) {
-        const T ta = f.s2 * t[a * stride];
+        const T ta = t[a * stride];
+        const T sta = f.s2 * ta;
         for (int64_t b = a; b < d; ++b, ++p) {
-          T v = ta * t[b * stride];
-          if (s) v += f.s1 * s[p * stride];
-          V[p * stride] = v;
+          const T tb = t[b * stride];
+          T v = sta * tb;
+          if (s) {
+            const T sp = s[p * stride];
+            v = v + f.s1 * sp;
+          }
+          out[v0 + p * stride] = v;
         }
       }
       break;
@@ -85,14 +99,25 @@ HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, const T* t,
       for (int64_t a = 0; a < d; ++a) {
         const T ta = t[a * stride];
         T v = f.s2 * ta * ta;
-        if (s) v += f.s1 * s[a * stride];
-        V[a * stride] = v;
+        if (s) {
+          const T sa = s[a * stride];
+          v = v + f.s1 * sa;
+        }
+        out[v0 + a * stride] = v;
       }
       break;
     case Mode::Trace: {
       T acc = T(0);
-      for (int64_t a = 0; a < d; ++a) acc += t[a * stride] * t[a * stride];
-      V[0] = f.s2 * acc + (s ? f.s1 * s[0] : T(0));
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        acc = acc + ta * ta;
+      }
+      T v = f.s2 * acc;
+      if (s) {
+        const T s0 = s[0];
+        v = v + f.s1 * s0;
+      }
+      out[v0] = v;
       break;
     }
     default:
@@ -106,17 +131,19 @@ HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, const T* t,
 //   z_bar = s1 u_bar + s2 <U_bar, T> + <V_bar, s3 Phi(T) + s2 S>
 //   T_bar = s1 U_bar + adjoint of Phi applied to s2 V_bar
 //   S_bar = s1 V_bar
-template <typename T>
-HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, const T* t, const T* s,
-                              int64_t stride, T* g) {
-  T* Ub = g + stride;
-  T* Vb = g + (1 + d) * stride;
+template <typename T, typename In, typename Out>
+HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In s, int64_t stride,
+                              Out g) {
+  const int64_t u0 = stride, v0 = (1 + d) * stride;
   T acc = T(0);
   for (int64_t j = 0; j < d; ++j) {
-    acc += Ub[j * stride] * t[j * stride];
-    Ub[j * stride] *= f.s1;
+    const T ub = g[u0 + j * stride];
+    const T tj = t[j * stride];
+    acc = acc + ub * tj;
+    g[u0 + j * stride] = f.s1 * ub;
   }
-  T zb = f.s1 * g[0] + f.s2 * acc;
+  const T g0 = g[0];
+  T zb = f.s1 * g0 + f.s2 * acc;
   switch (mode) {
     case Mode::Full: {
       int64_t p = 0;
@@ -124,12 +151,19 @@ HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, const T*
         const T ta = t[a * stride];
         for (int64_t b = a; b < d; ++b, ++p) {
           const T tb = t[b * stride];
-          const T v = Vb[p * stride];
+          const T v = g[v0 + p * stride];
           const T w = f.s2 * v;  // the adjoint of Phi
-          zb += v * (f.s3 * ta * tb + (s ? f.s2 * s[p * stride] : T(0)));
-          Ub[a * stride] += w * tb;
-          Ub[b * stride] += w * ta;
-          Vb[p * stride] = f.s1 * v;
+          T c = f.s3 * ta * tb;
+          if (s) {
+            const T sp = s[p * stride];
+            c = c + f.s2 * sp;
+          }
+          zb = zb + v * c;
+          const T uba = g[u0 + a * stride];
+          g[u0 + a * stride] = uba + w * tb;
+          const T ubb = g[u0 + b * stride];
+          g[u0 + b * stride] = ubb + w * ta;
+          g[v0 + p * stride] = f.s1 * v;
         }
       }
       break;
@@ -137,19 +171,38 @@ HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, const T*
     case Mode::Diag:
       for (int64_t a = 0; a < d; ++a) {
         const T ta = t[a * stride];
-        const T v = Vb[a * stride];
-        zb += v * (f.s3 * ta * ta + (s ? f.s2 * s[a * stride] : T(0)));
-        Ub[a * stride] += T(2) * f.s2 * v * ta;
-        Vb[a * stride] = f.s1 * v;
+        const T v = g[v0 + a * stride];
+        T c = f.s3 * ta * ta;
+        if (s) {
+          const T sa = s[a * stride];
+          c = c + f.s2 * sa;
+        }
+        zb = zb + v * c;
+        const T uba = g[u0 + a * stride];
+        g[u0 + a * stride] = uba + T(2) * f.s2 * v * ta;
+        g[v0 + a * stride] = f.s1 * v;
       }
       break;
     case Mode::Trace: {
       T phi = T(0);
-      for (int64_t a = 0; a < d; ++a) phi += t[a * stride] * t[a * stride];
-      const T v = Vb[0];
-      zb += v * (f.s3 * phi + (s ? f.s2 * s[0] : T(0)));
-      for (int64_t a = 0; a < d; ++a) Ub[a * stride] += T(2) * f.s2 * v * t[a * stride];
-      Vb[0] = f.s1 * v;
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        phi = phi + ta * ta;
+      }
+      const T v = g[v0];
+      T c = f.s3 * phi;
+      if (s) {
+        const T s0 = s[0];
+        c = c + f.s2 * s0;
+      }
+      zb = zb + v * c;
+      const T w2 = T(2) * f.s2 * v;
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        const T uba = g[u0 + a * stride];
+        g[u0 + a * stride] = uba + w2 * ta;
+      }
+      g[v0] = f.s1 * v;
       break;
     }
     default:

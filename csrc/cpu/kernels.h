@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../jet_driver.h"
+#include "lanes.h"
 
 #include <algorithm>
 
@@ -11,6 +12,24 @@ namespace hessmlp {
 namespace cpu {
 
 HESSMLP_DECLARE_KERNELS()
+
+// [4, B, n]: s, s1, s2, s3 of the stage at every neuron of the batch. The
+// transcendental functions run as vectorised ATen ops over the whole layer, the
+// rest (act_from_prims, compose) in one pass.
+at::Tensor stage_derivs_batch(const StageArgs& a);
+
+// Lanes of the per-neuron math on the CPU: as many neurons as fill 64 bytes.
+template <typename T>
+constexpr int kLanes = static_cast<int>(64 / sizeof(T));
+
+// Calls body(lane, i) for the neurons of a row of n: packs of kLanes<T> first
+// (lane = Pack), then one at a time (lane = scalar).
+template <typename T, typename Body>
+inline void for_each_lane(int64_t n, Body&& body) {
+  int64_t i = 0;
+  for (; i + kLanes<T> <= n; i += kLanes<T>) body(Pack<T, kLanes<T>>(), i);
+  for (; i < n; ++i) body(T(), i);
+}
 
 // Samples per parallel task for a given amount of work per sample.
 inline int64_t grain_for(int64_t work_per_sample) {

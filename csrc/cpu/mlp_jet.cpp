@@ -7,30 +7,97 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace hessmlp {
 namespace cpu {
 
+namespace {
+
+// The ATen op that gives prims a and b of one function over a layer (see act_prims).
+std::pair<at::Tensor, at::Tensor> prims_of(int code, double p0, double p1, const at::Tensor& z) {
+  switch (code) {
+    case ACT_TANH: return {at::tanh(z), {}};
+    case ACT_SIGMOID:
+    case ACT_SILU: return {at::sigmoid(z), {}};
+    case ACT_SOFTPLUS: return {at::sigmoid(z * p0), at::softplus(z, p0, p1)};
+    case ACT_GELU: return {at::erf(z * kInvSqrt2), at::exp(z * z * -0.5)};
+    case ACT_GELU_TANH: return {at::tanh((z + z * z * z * kGeluK1) * kGeluK0), {}};
+    case ACT_ELU: return {at::exp(at::clamp_max(z, 0.0)), {}};
+    case ACT_SIN: {
+      const at::Tensor w = z * p0;
+      return {at::sin(w), at::cos(w)};
+    }
+    default: return {};
+  }
+}
+
+}  // namespace
+
+at::Tensor stage_derivs_batch(const StageArgs& a) {
+  const at::Tensor z = a.first ? a.state : a.state.select(1, 0);  // [B, n], before the bias
+  // A fresh copy: it is overwritten with each function's output below.
+  at::Tensor cur = a.bias.defined() ? at::add(z, a.bias) : z.clone(at::MemoryFormat::Contiguous);
+  const int64_t N = a.batch * a.n;
+  at::Tensor D = at::empty({4, a.batch, a.n}, z.options());
+  if (a.stage.n_ops == 0) {
+    D[0].copy_(cur);
+    D[1].fill_(1);
+    D.narrow(0, 2, 2).zero_();
+    return D;
+  }
+  for (int k = 0; k < a.stage.n_ops; ++k) {
+    const int code = a.stage.codes[k];
+    const double p0 = a.stage.params[2 * k], p1 = a.stage.params[2 * k + 1];
+    const auto prims = prims_of(code, p0, p1, cur);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_jet_stage_derivs_cpu", [&] {
+      const scalar_t* pa = prims.first.defined() ? prims.first.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* pb = prims.second.defined() ? prims.second.data_ptr<scalar_t>() : nullptr;
+      scalar_t* cp = cur.data_ptr<scalar_t>();
+      scalar_t* dp = D.data_ptr<scalar_t>();
+      at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const Prims<scalar_t> pr{pa ? pa[i] : scalar_t(0), pb ? pb[i] : scalar_t(0)};
+          const Derivs<scalar_t> g =
+              act_from_prims<scalar_t>(code, scalar_t(p0), scalar_t(p1), cp[i], pr);
+          Derivs<scalar_t> f = g;
+          if (k > 0) f = compose(Derivs<scalar_t>{dp[i], dp[N + i], dp[2 * N + i], dp[3 * N + i]}, g);
+          dp[i] = f.s;
+          dp[N + i] = f.s1;
+          dp[2 * N + i] = f.s2;
+          dp[3 * N + i] = f.s3;
+          cp[i] = g.s;  // the next function's input
+        }
+      });
+    });
+  }
+  return D;
+}
+
 void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2) {
-  const int64_t n = a.n, d = a.d;
+  const int64_t n = a.n, d = a.d, N = a.batch * a.n;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
+  const at::Tensor D = stage_derivs_batch(a);
+  if (s1.defined()) s1.copy_(D[1]);
+  if (s2.defined()) s2.copy_(D[2]);
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
+    const scalar_t* dp = D.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    scalar_t* s1p = s1.defined() ? s1.data_ptr<scalar_t>() : nullptr;
-    scalar_t* s2p = s2.defined() ? s2.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* t = in.t_of(b);
         const scalar_t* s = in.s_of(b);
+        const scalar_t* db = dp + b * n;
         scalar_t* o = op + b * C * n;
-        for (int64_t i = 0; i < n; ++i) {
-          const Derivs<scalar_t> f = stage_eval<scalar_t>(a.stage, in.z_at(b, i));
-          if (s1p) s1p[b * n + i] = f.s1;
-          if (s2p) s2p[b * n + i] = f.s2;
-          jet_step_neuron<scalar_t>(a.mode, d, f, t + i, s ? s + i : nullptr, n, o + i);
-        }
+        for_each_lane<scalar_t>(n, [&](auto lane, int64_t i) {
+          using L = decltype(lane);
+          const Derivs<L> f{lane_load<L>(db, i), lane_load<L>(db + N, i), lane_load<L>(db + 2 * N, i),
+                            lane_load<L>(db + 3 * N, i)};
+          jet_step_neuron<L>(a.mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n, lane_ptr<L>(o, i));
+        });
       }
     });
   });

@@ -12,20 +12,26 @@ namespace hessmlp {
 namespace cpu {
 
 void stage_adjoint(const StageArgs& a, at::Tensor& g) {
-  const int64_t n = a.n, d = a.d;
+  const int64_t n = a.n, d = a.d, N = a.batch * a.n;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
+  const at::Tensor D = stage_derivs_batch(a);
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_adjoint_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
+    const scalar_t* dp = D.data_ptr<scalar_t>();
     scalar_t* gp = g.data_ptr<scalar_t>();
     at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* t = in.t_of(b);
         const scalar_t* s = in.s_of(b);
+        const scalar_t* db = dp + b * n;
         scalar_t* gb = gp + b * C * n;
-        for (int64_t i = 0; i < n; ++i) {
-          const Derivs<scalar_t> f = stage_eval<scalar_t>(a.stage, in.z_at(b, i));
-          jet_adjoint_neuron<scalar_t>(a.mode, d, f, t + i, s ? s + i : nullptr, n, gb + i);
-        }
+        for_each_lane<scalar_t>(n, [&](auto lane, int64_t i) {
+          using L = decltype(lane);
+          const Derivs<L> f{lane_load<L>(db, i), lane_load<L>(db + N, i), lane_load<L>(db + 2 * N, i),
+                            lane_load<L>(db + 3 * N, i)};
+          jet_adjoint_neuron<L>(a.mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n,
+                                lane_ptr<L>(gb, i));
+        });
       }
     });
   });
