@@ -12,7 +12,7 @@
 #if defined(__CUDACC__)
 #define HM_HD __host__ __device__ __forceinline__
 #else
-#define HM_HD inline
+#define HM_HD inline __attribute__((always_inline))
 #endif
 
 #if defined(__CUDA_ARCH__)

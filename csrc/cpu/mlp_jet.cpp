@@ -76,6 +76,42 @@ at::Tensor stage_derivs_batch(const StageArgs& a) {
   return D;
 }
 
+namespace {
+
+// The jet step of samples b0..b1 (all their neurons), derivatives D [4, N].
+template <typename T>
+inline __attribute__((always_inline)) void step_rows_impl(
+    Mode mode, int64_t d, int64_t n, int64_t N, const StageInput<T>& in, const T* dp, T* op,
+    int64_t b0, int64_t b1) {
+  const int64_t C = 1 + d + n_pairs(mode, d);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* t = in.t_of(b);
+    const T* s = in.s_of(b);
+    const T* db = dp + b * n;
+    T* o = op + b * C * n;
+    for_each_lane<T>(n, [&](auto lane, int64_t i) {
+      using L = decltype(lane);
+      const Derivs<L> f{lane_load<L>(db, i), lane_load<L>(db + N, i), lane_load<L>(db + 2 * N, i),
+                        lane_load<L>(db + 3 * N, i)};
+      jet_step_neuron<L>(mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n, lane_ptr<L>(o, i));
+    });
+  }
+}
+
+HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, int64_t N,
+                              const StageInput<float>& in, const float* dp, float* op, int64_t b0,
+                              int64_t b1) {
+  step_rows_impl<float>(mode, d, n, N, in, dp, op, b0, b1);
+}
+
+HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, int64_t N,
+                              const StageInput<double>& in, const double* dp, double* op,
+                              int64_t b0, int64_t b1) {
+  step_rows_impl<double>(mode, d, n, N, in, dp, op, b0, b1);
+}
+
+}  // namespace
+
 void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2) {
   const int64_t n = a.n, d = a.d, N = a.batch * a.n;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
@@ -87,18 +123,7 @@ void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tens
     const scalar_t* dp = D.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* t = in.t_of(b);
-        const scalar_t* s = in.s_of(b);
-        const scalar_t* db = dp + b * n;
-        scalar_t* o = op + b * C * n;
-        for_each_lane<scalar_t>(n, [&](auto lane, int64_t i) {
-          using L = decltype(lane);
-          const Derivs<L> f{lane_load<L>(db, i), lane_load<L>(db + N, i), lane_load<L>(db + 2 * N, i),
-                            lane_load<L>(db + 3 * N, i)};
-          jet_step_neuron<L>(a.mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n, lane_ptr<L>(o, i));
-        });
-      }
+      step_rows(a.mode, d, n, N, in, dp, op, b0, b1);
     });
   });
 }
