@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 namespace hessmlp {
 namespace {
@@ -36,25 +39,80 @@ struct Net {
   at::Tensor w0t;  // W_0^T [d, n_0], contiguous: T at layer 0 for every sample
 
   StageArgs stage(Mode mode, int64_t l, const at::Tensor& state, const at::Tensor& bias) const {
-    return StageArgs{mode, spec.batch, spec.widths[l], spec.d, state, w0t, bias, l == 0,
+    return StageArgs{mode, state.size(0), spec.widths[l], spec.d, state, w0t, bias, l == 0,
                      stage_desc(spec, l, act_codes, act_params)};
   }
 };
 
-// The stage after Linear l applied to that layer's state: the columns feeding Linear l + 1.
-at::Tensor stage_forward(const Kernels& k, const Net& net, Mode mode, int64_t l,
-                         const at::Tensor& state, at::Tensor* s1 = nullptr,
-                         at::Tensor* s2 = nullptr) {
-  const int64_t B = net.spec.batch, n = net.spec.widths[l];
-  const int64_t C = 1 + net.spec.d + n_pairs(mode, net.spec.d);
+// The stage after Linear l applied to that layer's state (any batch: the rows of
+// `state`), written into out [rows, C, n]; s1, s2 [rows, n] when given.
+void stage_forward_into(const Kernels& k, const Net& net, Mode mode, int64_t l,
+                        const at::Tensor& state, at::Tensor& out, at::Tensor* s1 = nullptr,
+                        at::Tensor* s2 = nullptr) {
+  const int64_t B = state.size(0), n = net.spec.widths[l];
   const at::Tensor bias = bias_of(net.biases, l);
-  at::Tensor out = at::empty({B, C, n}, state.options());
   at::Tensor d1 = s1 ? at::empty({B, n}, state.options()) : at::Tensor();
   at::Tensor d2 = s2 ? at::empty({B, n}, state.options()) : at::Tensor();
   if (B > 0) k.stage_forward(net.stage(mode, l, state, bias), out, d1, d2);
   if (s1) *s1 = d1;
   if (s2) *s2 = d2;
+}
+
+at::Tensor stage_forward(const Kernels& k, const Net& net, Mode mode, int64_t l,
+                         const at::Tensor& state, at::Tensor* s1 = nullptr,
+                         at::Tensor* s2 = nullptr) {
+  const int64_t C = 1 + net.spec.d + n_pairs(mode, net.spec.d);
+  at::Tensor out = at::empty({state.size(0), C, net.spec.widths[l]}, state.options());
+  stage_forward_into(k, net, mode, l, state, out, s1, s2);
   return out;
+}
+
+// The forward jet for a block of samples at a time, each block through all the
+// layers while its columns are in cache, blocks in parallel (the CPU's way: see
+// Kernels::rows_per_block). Same results as the whole-batch pass.
+ForwardPass forward_blocked(const Kernels& k, const Net& net, Mode mode, const at::Tensor& x,
+                            bool keep_state, int64_t rows) {
+  const NetSpec& spec = net.spec;
+  const int64_t B = spec.batch, d = spec.d, L = spec.n_layers();
+  const int64_t C = 1 + d + n_pairs(mode, d);
+  const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
+  ForwardPass fp;
+  fp.out = at::empty({B, C, spec.m()}, x.options());
+  if (keep_state) {
+    for (int64_t l = 0; l < L; ++l) {
+      fp.state.push_back(l == 0 ? at::empty({B, spec.widths[0]}, x.options())
+                                : at::empty({B, C, spec.widths[l]}, x.options()));
+    }
+  }
+  const at::Tensor w0t_t = net.weights[0].t();
+  const int64_t blocks = (B + rows - 1) / rows;
+  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    // Work space reused by every block and layer of this task.
+    at::Tensor buf[3] = {at::empty({rows * C * n_max}, x.options()),
+                         at::empty({rows * C * n_max}, x.options()),
+                         at::empty({rows * C * n_max}, x.options())};
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * rows, nb = std::min(rows, B - b0);
+      at::Tensor act;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t n = spec.widths[l];
+        at::Tensor st = keep_state ? fp.state[l].narrow(0, b0, nb)
+                                   : (l == 0 ? buf[2].narrow(0, 0, nb * n).view({nb, n})
+                                             : buf[2].narrow(0, 0, nb * C * n).view({nb, C, n}));
+        if (l == 0) {
+          at::mm_out(st, x.narrow(0, b0, nb), w0t_t);
+        } else {
+          at::Tensor st2 = st.view({nb * C, n});
+          at::mm_out(st2, act.view({nb * C, spec.widths[l - 1]}), net.weights[l].t());
+        }
+        at::Tensor out = l == L - 1 ? fp.out.narrow(0, b0, nb)
+                                    : buf[l % 2].narrow(0, 0, nb * C * n).view({nb, C, n});
+        stage_forward_into(k, net, mode, l, st, out);
+        act = out;
+      }
+    }
+  });
+  return fp;
 }
 
 ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::Tensor& x,
@@ -62,6 +120,11 @@ ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::
   const NetSpec& spec = net.spec;
   const int64_t B = spec.batch, d = spec.d;
   const int64_t C = 1 + d + n_pairs(mode, d);
+  if (keep != Keep::Gram && k.rows_per_block) {
+    const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
+    const int64_t rows = k.rows_per_block(C * n_max * x.element_size());
+    if (rows < B) return forward_blocked(k, net, mode, x, keep == Keep::State, rows);
+  }
   ForwardPass fp;
   at::Tensor act;  // [B, C, n_l]: the columns after stage l
   for (int64_t l = 0; l < spec.n_layers(); ++l) {

@@ -61,6 +61,9 @@ struct Kernels {
   void (*gram)(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed);
   // packed [R, P] -> full symmetric [R, d, d].
   void (*unpack_packed)(int64_t d, const at::Tensor& packed, at::Tensor& hess);
+  // Samples per block when the forward jet should go block by block through all the
+  // layers (bytes_per_row: one sample's columns at the widest layer); null: whole batch.
+  int64_t (*rows_per_block)(int64_t bytes_per_row);
 };
 
 // The op entries: checks, a device guard, then the algorithm with k's passes.
@@ -112,7 +115,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
                     const at::Tensor& hess, at::Tensor& g);                                    \
   inline const Kernels& kernels() {                                                            \
     static const Kernels k{&stage_forward, &stage_adjoint, &unpack, &pack_adjoint, &gram,      \
-                           &unpack_packed};                                                    \
+                           &unpack_packed, HESSMLP_ROWS_PER_BLOCK};                            \
     return k;                                                                                  \
   }
 

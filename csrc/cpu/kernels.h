@@ -11,7 +11,15 @@
 namespace hessmlp {
 namespace cpu {
 
+// Blocks of samples whose columns fill about this much cache go through all layers together.
+constexpr int64_t kBlockBytes = 256 << 10;
+inline int64_t rows_per_block(int64_t bytes_per_row) {
+  return std::max<int64_t>(8, kBlockBytes / std::max<int64_t>(1, bytes_per_row));
+}
+
+#define HESSMLP_ROWS_PER_BLOCK &rows_per_block
 HESSMLP_DECLARE_KERNELS()
+#undef HESSMLP_ROWS_PER_BLOCK
 
 // [4, B, n]: s, s1, s2, s3 of the stage at every neuron of the batch. The
 // transcendental functions run as vectorised ATen ops over the whole layer, the

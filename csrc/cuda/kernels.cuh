@@ -14,7 +14,10 @@
 namespace hessmlp {
 namespace cuda {
 
+// The GPU takes the whole batch at once.
+#define HESSMLP_ROWS_PER_BLOCK nullptr
 HESSMLP_DECLARE_KERNELS()
+#undef HESSMLP_ROWS_PER_BLOCK
 
 constexpr int kThreads = 256;
 
