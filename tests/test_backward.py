@@ -226,3 +226,10 @@ def test_op_refuses_mixed_none_biases_under_autograd():
         torch.ops.hessmlp.mlp_jet(x, w, b, *rest, "forward")
     with torch.no_grad():
         torch.ops.hessmlp.mlp_jet(x, w, b, *rest, "forward")  # fine without gradients
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_of_blocked_batches(mode):
+    """A batch large enough for the blocked forward pass, gradients through its saved state."""
+    model = random_mlp(3, [80, 80], 2, ACT["tanh"], seed=11)
+    _compare_grads(model, torch.randn(700, 3, dtype=f64), mode, what=f"blocked {mode}")

@@ -102,3 +102,22 @@ def test_hessian_is_symmetric_and_dtype_preserved():
         H = hessmlp.hessian(model, x, method=method)
         assert H.dtype == torch.float32
         assert torch.equal(H, H.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["full", "diag", "trace", None])
+def test_blocked_batches_match_small_calls(mode, dtype):
+    """Large batches go through the CPU's blocked forward pass (blocks of samples through all
+    layers, in parallel): same results as small calls, and as torch.func."""
+    model = random_mlp(4, [96, 64], 2, ACT["silu"], dtype=dtype, seed=7, final_act=True)
+    x = torch.randn(1500, 4, dtype=dtype)
+    whole = hessmlp.jet(model, x, hessian=mode, method="forward")
+    parts = [hessmlp.jet(model, xi, hessian=mode, method="forward") for xi in x.split(7)]
+    for k, t in enumerate(whole):
+        if t is None:
+            continue
+        assert_rel_close(t, torch.cat([p[k] for p in parts]), dtype, f"output {k}")
+    value, jac, hess = func_reference(model, x[:300])
+    assert_rel_close(whole.jacobian[:300], jac, dtype, "jacobian vs torch.func")
+    if mode == "full":
+        assert_rel_close(whole.hessian[:300], hess, dtype, "hessian vs torch.func")
