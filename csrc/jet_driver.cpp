@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <mutex>
 
 namespace hessmlp {
 namespace {
@@ -184,6 +185,50 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
   if (fused && B > 0) k.unpack_packed(d, packed.view({B * m, d * (d + 1) / 2}), hess);
 }
 
+// The backward sweep (DESIGN.md §4) for samples b0 .. b0 + nb: adds their weight
+// and bias gradients to gw, gb (empty entries are not asked for) and writes their
+// rows of grad_x (when need_x).
+void backward_sweep(const Kernels& k, const Net& net, const at::Tensor& x,
+                    const std::vector<at::Tensor>& state, const at::Tensor& gv,
+                    const at::Tensor& gj, const at::Tensor& gh, int64_t b0, int64_t nb,
+                    bool need_x, bool need_w, at::Tensor& grad_x, std::vector<at::Tensor>& gw,
+                    std::vector<at::Tensor>& gb) {
+  const NetSpec& spec = net.spec;
+  const int64_t d = spec.d, L = spec.n_layers();
+  const int64_t C = 1 + d + spec.pairs();
+  auto rows = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, b0, nb) : t; };
+  // The adjoint of the last layer's columns [nb, C, m].
+  at::Tensor g = at::empty({nb, C, spec.m()}, x.options());
+  k.pack_adjoint(spec.mode, d, rows(gv), rows(gj), rows(gh), g);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t n = spec.widths[l];
+    // The stage: g becomes the adjoint of this Linear's output (z_bar, T_bar, S_bar).
+    k.stage_adjoint(net.stage(spec.mode, l, rows(state[l]), bias_of(net.biases, l)), g);
+    const at::Tensor zbar = g.select(1, 0);  // [nb, n]
+    if (gb[l].numel() > 0) gb[l].add_(zbar.sum(0));
+    if (l > 0) {
+      const int64_t n_prev = spec.widths[l - 1];
+      const at::Tensor g2 = g.view({nb * C, n});
+      if (need_w) {
+        // This Linear's input: the previous stage applied to the previous state.
+        const at::Tensor act = stage_forward(k, net, spec.mode, l - 1, rows(state[l - 1]));
+        gw[l].addmm_(g2.t(), act.view({nb * C, n_prev}));
+      }
+      g = at::mm(g2, net.weights[l]).view({nb, C, n_prev});
+    } else {
+      // z_0 = x W_0^T and T_0 = W_0 (S_0 = 0): the x term and the sum of T_bar over the batch.
+      if (need_w) {
+        gw[0].addmm_(zbar.t(), rows(x));
+        gw[0].add_(g.narrow(1, 1, d).sum(0).t());
+      }
+      if (need_x) {
+        at::Tensor gx = grad_x.narrow(0, b0, nb);
+        at::mm_out(gx, zbar, net.weights[0]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_run(
@@ -254,33 +299,32 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
     for (const at::Tensor& s : saved) state.push_back(s.contiguous());
   }
 
-  // The adjoint of the last layer's columns [B, C, m].
-  at::Tensor g = at::empty({B, C, m}, opt);
-  k.pack_adjoint(spec.mode, d, gv, gj, gh, g);
-  for (int64_t l = L - 1; l >= 0; --l) {
-    const int64_t n = spec.widths[l];
-    // The stage: g becomes the adjoint of this Linear's output (z_bar, T_bar, S_bar).
-    k.stage_adjoint(net.stage(spec.mode, l, state[l], bias_of(biases, l)), g);
-    const at::Tensor zbar = g.select(1, 0);  // [B, n]
-    if (grad_b[l].numel() > 0) at::sum_out(grad_b[l], zbar, 0);
-    if (l > 0) {
-      const int64_t n_prev = spec.widths[l - 1];
-      const at::Tensor g2 = g.view({B * C, n});
-      if (need_w) {
-        // This Linear's input: the previous stage applied to the previous state.
-        const at::Tensor act = stage_forward(k, net, spec.mode, l - 1, state[l - 1]);
-        at::mm_out(grad_w[l], g2.t(), act.view({B * C, n_prev}));
-      }
-      g = at::mm(g2, weights[l]).view({B, C, n_prev});
-    } else {
-      // z_0 = x W_0^T and T_0 = W_0 (S_0 = 0): the x term and the sum of T_bar over the batch.
-      if (need_w) {
-        at::mm_out(grad_w[0], zbar.t(), x);
-        grad_w[0].add_(g.narrow(1, 1, d).sum(0).t());
-      }
-      if (need_x) at::mm_out(grad_x, zbar, weights[0]);
-    }
+  const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
+  const int64_t rows = k.rows_per_block ? k.rows_per_block(C * n_max * x.element_size()) : B;
+  if (rows >= B) {
+    backward_sweep(k, net, x, state, gv, gj, gh, 0, B, need_x, need_w, grad_x, grad_w, grad_b);
+    return {grad_x, grad_w, grad_b};
   }
+  // Blocks of samples in parallel; each task sums its weight and bias gradients apart.
+  std::mutex merge;
+  const int64_t blocks = (B + rows - 1) / rows;
+  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<at::Tensor> gw, gb;
+    for (int64_t l = 0; l < L; ++l) {
+      gw.push_back(grad_w[l].numel() ? at::zeros_like(grad_w[l]) : grad_w[l]);
+      gb.push_back(grad_b[l].numel() ? at::zeros_like(grad_b[l]) : grad_b[l]);
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * rows;
+      backward_sweep(k, net, x, state, gv, gj, gh, b0, std::min(rows, B - b0), need_x, need_w,
+                     grad_x, gw, gb);
+    }
+    const std::lock_guard<std::mutex> lock(merge);
+    for (int64_t l = 0; l < L; ++l) {
+      if (grad_w[l].numel()) grad_w[l].add_(gw[l]);
+      if (grad_b[l].numel()) grad_b[l].add_(gb[l]);
+    }
+  });
   return {grad_x, grad_w, grad_b};
 }
 
