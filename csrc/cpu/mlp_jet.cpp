@@ -34,6 +34,24 @@ std::pair<at::Tensor, at::Tensor> prims_of(int code, double p0, double p1, const
   }
 }
 
+// Calls body with the activation code as a compile-time constant (so that the
+// per-element algebra has no switch left in its loop).
+template <typename Body>
+void with_code(int code, Body&& body) {
+  switch (code) {
+#define HM_CODE_CASE(c) \
+  case c:               \
+    return body(std::integral_constant<int, c>());
+    HM_CODE_CASE(ACT_IDENTITY) HM_CODE_CASE(ACT_AFFINE) HM_CODE_CASE(ACT_TANH)
+    HM_CODE_CASE(ACT_SIGMOID) HM_CODE_CASE(ACT_SOFTPLUS) HM_CODE_CASE(ACT_SILU)
+    HM_CODE_CASE(ACT_GELU) HM_CODE_CASE(ACT_GELU_TANH) HM_CODE_CASE(ACT_RELU)
+    HM_CODE_CASE(ACT_LEAKY_RELU) HM_CODE_CASE(ACT_ELU) HM_CODE_CASE(ACT_SIN)
+    HM_CODE_CASE(ACT_SQUARE)
+#undef HM_CODE_CASE
+    default: return body(code);
+  }
+}
+
 }  // namespace
 
 at::Tensor stage_derivs_batch(const StageArgs& a) {
@@ -58,18 +76,20 @@ at::Tensor stage_derivs_batch(const StageArgs& a) {
       scalar_t* cp = cur.data_ptr<scalar_t>();
       scalar_t* dp = D.data_ptr<scalar_t>();
       at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const Prims<scalar_t> pr{pa ? pa[i] : scalar_t(0), pb ? pb[i] : scalar_t(0)};
-          const Derivs<scalar_t> g =
-              act_from_prims<scalar_t>(code, scalar_t(p0), scalar_t(p1), cp[i], pr);
-          Derivs<scalar_t> f = g;
-          if (k > 0) f = compose(Derivs<scalar_t>{dp[i], dp[N + i], dp[2 * N + i], dp[3 * N + i]}, g);
-          dp[i] = f.s;
-          dp[N + i] = f.s1;
-          dp[2 * N + i] = f.s2;
-          dp[3 * N + i] = f.s3;
-          cp[i] = g.s;  // the next function's input
-        }
+        with_code(code, [&](auto code_c) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const Prims<scalar_t> pr{pa ? pa[i] : scalar_t(0), pb ? pb[i] : scalar_t(0)};
+            const Derivs<scalar_t> g =
+                act_from_prims<scalar_t>(code_c, scalar_t(p0), scalar_t(p1), cp[i], pr);
+            Derivs<scalar_t> f = g;
+            if (k > 0) f = compose(Derivs<scalar_t>{dp[i], dp[N + i], dp[2 * N + i], dp[3 * N + i]}, g);
+            dp[i] = f.s;
+            dp[N + i] = f.s1;
+            dp[2 * N + i] = f.s2;
+            dp[3 * N + i] = f.s3;
+            cp[i] = g.s;  // the next function's input
+          }
+        });
       });
     });
   }

@@ -11,6 +11,42 @@
 namespace hessmlp {
 namespace cpu {
 
+namespace {
+
+// The stage adjoint of samples b0..b1 in place on g, derivatives D [4, N].
+template <typename T>
+inline __attribute__((always_inline)) void adjoint_rows_impl(
+    Mode mode, int64_t d, int64_t n, int64_t N, const StageInput<T>& in, const T* dp, T* gp,
+    int64_t b0, int64_t b1) {
+  const int64_t C = 1 + d + n_pairs(mode, d);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* t = in.t_of(b);
+    const T* s = in.s_of(b);
+    const T* db = dp + b * n;
+    T* gb = gp + b * C * n;
+    for_each_lane<T>(n, [&](auto lane, int64_t i) {
+      using L = decltype(lane);
+      const Derivs<L> f{lane_load<L>(db, i), lane_load<L>(db + N, i), lane_load<L>(db + 2 * N, i),
+                        lane_load<L>(db + 3 * N, i)};
+      jet_adjoint_neuron<L>(mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n, lane_ptr<L>(gb, i));
+    });
+  }
+}
+
+HM_SIMD_CLONES void adjoint_rows(Mode mode, int64_t d, int64_t n, int64_t N,
+                                 const StageInput<float>& in, const float* dp, float* gp,
+                                 int64_t b0, int64_t b1) {
+  adjoint_rows_impl<float>(mode, d, n, N, in, dp, gp, b0, b1);
+}
+
+HM_SIMD_CLONES void adjoint_rows(Mode mode, int64_t d, int64_t n, int64_t N,
+                                 const StageInput<double>& in, const double* dp, double* gp,
+                                 int64_t b0, int64_t b1) {
+  adjoint_rows_impl<double>(mode, d, n, N, in, dp, gp, b0, b1);
+}
+
+}  // namespace
+
 void stage_adjoint(const StageArgs& a, at::Tensor& g) {
   const int64_t n = a.n, d = a.d, N = a.batch * a.n;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
@@ -20,19 +56,7 @@ void stage_adjoint(const StageArgs& a, at::Tensor& g) {
     const scalar_t* dp = D.data_ptr<scalar_t>();
     scalar_t* gp = g.data_ptr<scalar_t>();
     at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* t = in.t_of(b);
-        const scalar_t* s = in.s_of(b);
-        const scalar_t* db = dp + b * n;
-        scalar_t* gb = gp + b * C * n;
-        for_each_lane<scalar_t>(n, [&](auto lane, int64_t i) {
-          using L = decltype(lane);
-          const Derivs<L> f{lane_load<L>(db, i), lane_load<L>(db + N, i), lane_load<L>(db + 2 * N, i),
-                            lane_load<L>(db + 3 * N, i)};
-          jet_adjoint_neuron<L>(a.mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n,
-                                lane_ptr<L>(gb, i));
-        });
-      }
+      adjoint_rows(a.mode, d, n, N, in, dp, gp, b0, b1);
     });
   });
 }
