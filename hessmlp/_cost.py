@@ -12,10 +12,16 @@ from typing import Optional, Sequence
 
 import torch
 
-# Cost of touching one element in a fused elementwise pass, in GEMM multiply-adds.
-ELEMENTWISE_WEIGHT = 16.0
-# Cost of one multiply-add of the reverse-Gram loop, in GEMM multiply-adds.
-GRAM_WEIGHT = 4.0
+# The weights below were measured (float32, 2-core Xeon with AVX-512, torch 2.13; see
+# benchmarks/suite.py, "method crossover"), in units of one GEMM multiply-add:
+# Cost of touching one element in a fused elementwise pass.
+ELEMENTWISE_WEIGHT = 4.0
+# One multiply-add of the reverse-Gram triangle loop (d <= 32) and of its batched GEMMs (d > 32).
+GRAM_WEIGHT = 26.0
+GRAM_GEMM_WEIGHT = 4.0
+GRAM_LOOP_MAX_D = 32  # csrc/jet_driver.cpp, kGramKernelMaxD
+# Reverse-Gram's extra passes (whole batch at once, backward of m columns) on top of that.
+REVERSE_OVERHEAD = 1.6
 
 
 def _pairs(mode: str, d: int) -> int:
@@ -37,8 +43,11 @@ def reverse_cost(d: int, widths: Sequence[int]) -> float:
     P = d * (d + 1) // 2
     gemm = d * widths[0] + sum(widths[l] * widths[l - 1] * (1 + d + m) for l in range(1, len(widths)))
     elementwise = sum(n * (1 + d + 3 * m) for n in widths)
-    gram = sum(m * n * P for n in widths)
-    return gemm + ELEMENTWISE_WEIGHT * elementwise + GRAM_WEIGHT * gram
+    if d <= GRAM_LOOP_MAX_D:
+        gram = GRAM_WEIGHT * sum(m * n * P for n in widths)
+    else:
+        gram = GRAM_GEMM_WEIGHT * sum(m * n * d * d for n in widths)
+    return REVERSE_OVERHEAD * (gemm + ELEMENTWISE_WEIGHT * elementwise + gram)
 
 
 def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str, itemsize: int,
