@@ -4,10 +4,11 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401
 from . import _ops  # noqa: F401
 from ._spec import UnsupportedModelError, network_of
-from .api import Jet, hessian, hessian_diag, jacobian, jet, laplacian
+from .api import (Jet, hessian, hessian_diag, jacobian, jet, laplacian, memory_budget,
+                  set_memory_budget)
 from .nn import MLP, Sine
 
 __version__ = "0.1.0"
 
 __all__ = ["hessian", "hessian_diag", "laplacian", "jacobian", "jet", "Jet", "MLP", "Sine",
-           "UnsupportedModelError", "network_of"]
+           "UnsupportedModelError", "network_of", "set_memory_budget", "memory_budget"]

@@ -71,6 +71,16 @@ def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str,
     return (out + work) * itemsize
 
 
+# The CPU kernels take the forward and backward sweeps in blocks of samples whose columns
+# fill about this many bytes (csrc/cpu/kernels.h, kBlockBytes and rows_per_block).
+CPU_BLOCK_BYTES = 256 << 10
+
+
+def cpu_block_rows(d: int, widths: Sequence[int], mode: str, itemsize: int) -> int:
+    """Samples per block of the CPU kernels (chunks of a multiple of it give the same bits)."""
+    return max(8, CPU_BLOCK_BYTES // ((1 + d + _pairs(mode, d)) * max(widths) * itemsize))
+
+
 def choose_method(d: int, widths: Sequence[int], mode: str) -> str:
     if mode != "full":
         return "forward"

@@ -1,6 +1,7 @@
 """The public functions: hessian, hessian_diag, laplacian, jacobian, jet."""
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import NamedTuple, Optional
 
@@ -10,7 +11,8 @@ from torch import nn
 from . import _cost, _ops  # noqa: F401  (_ops registers the fake kernels)
 from ._spec import Network, network_of
 
-__all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian"]
+__all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian", "set_memory_budget",
+           "memory_budget"]
 
 _MODES = {"full": "full", "diag": "diag", "trace": "trace", None: "none"}
 
@@ -128,15 +130,23 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
             free = None if torch.compiler.is_compiling() else _cost.available_bytes(xb.device)
             if free is not None and _cost.working_bytes(B, d, widths, mode, "forward", itemsize) > free:
                 method = "reverse"
-    _check_size(B, d, widths, mode, method, xb, output, save)
-
     biases = net.biases
     if save and any(b is None for b in biases) and any(b is not None for b in biases):
         # Autograd cannot track a list that mixes None and tensors (see _ops.py).
         biases = [xb.new_zeros(W.shape[0]) if b is None else b for W, b in zip(net.weights, biases)]
-    value, jac, hess, _ = torch.ops.hessmlp.mlp_jet(
-        xb, net.weights, biases, net.stage_sizes, net.act_codes, net.act_params, mode, method,
-        save)
+
+    def run(xc):
+        return torch.ops.hessmlp.mlp_jet(xc, net.weights, biases, net.stage_sizes, net.act_codes,
+                                         net.act_params, mode, method, save)[:3]
+
+    rows = _rows_per_call(B, d, widths, mode, method, xb, save)
+    if rows >= B:
+        _check_size(B, d, widths, mode, method, xb, output, save)
+        value, jac, hess = run(xb)
+    else:
+        _check_size(rows, d, widths, mode, method, xb, output, save)
+        parts = [run(xc) for xc in xb.split(rows)]
+        value, jac, hess = (torch.cat([p[k] for p in parts]) for k in range(3))
     if mode == "none":
         hess = None
     if output is not None:
@@ -146,6 +156,59 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         value, jac = value[0], jac[0]
         hess = None if hess is None else hess[0]
     return Jet(value, jac, hess)
+
+
+_BUDGET: Optional[int] = None
+
+
+def set_memory_budget(nbytes: Optional[int]) -> Optional[int]:
+    """Caps the working memory of each hessmlp call at ``nbytes`` (None: no cap beyond the free
+    memory). A batch that would need more is computed in chunks of samples, one after the
+    other, with the same results. Memory that gradients must keep (the per-layer state saved
+    for the backward) is not capped. Returns the previous budget."""
+    global _BUDGET
+    if nbytes is not None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+            raise TypeError(f"hessmlp: the memory budget must be an int (bytes) or None, got "
+                            f"{type(nbytes).__name__}")
+        if nbytes <= 0:
+            raise ValueError(f"hessmlp: the memory budget must be positive, got {nbytes}")
+        nbytes = int(nbytes)
+    previous, _BUDGET = _BUDGET, nbytes
+    return previous
+
+
+@contextlib.contextmanager
+def memory_budget(nbytes: Optional[int]):
+    """``with hessmlp.memory_budget(2**30): ...``: set_memory_budget for a block of code."""
+    previous = set_memory_budget(nbytes)
+    try:
+        yield
+    finally:
+        set_memory_budget(previous)
+
+
+def _rows_per_call(B, d, widths, mode, method, x, save) -> int:
+    """Samples per op call under the memory budget (B when it fits or none is set)."""
+    if _BUDGET is None or B <= 1 or torch.compiler.is_compiling():
+        return max(B, 1)
+    need = _cost.working_bytes(B, d, widths, mode, method, x.element_size(), save)
+    if need <= _BUDGET:
+        return B
+    one = _cost.working_bytes(1, d, widths, mode, method, x.element_size(), save)
+    if one > _BUDGET:
+        raise MemoryError(
+            f"hessmlp: one sample needs about {one / 2**20:.1f} MiB (d={d}, mode '{mode}', method "
+            f"'{method}') but the memory budget is {_BUDGET / 2**20:.1f} MiB; raise it with "
+            "hessmlp.set_memory_budget")
+    rows = max(1, min(B, int(_BUDGET // one)))
+    if x.device.type == "cpu" and method == "forward":
+        # Whole blocks of the CPU kernels: every sample then sees the same GEMM shapes as in
+        # one call, and the results are the same to the bit.
+        block = _cost.cpu_block_rows(d, widths, mode, x.element_size())
+        if rows >= block:
+            rows -= rows % block
+    return rows
 
 
 def _check_size(B, d, widths, mode, method, x, output, save) -> None:
