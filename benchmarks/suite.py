@@ -1,0 +1,393 @@
+"""The CPU benchmark suite: hessmlp against what users run today, and against its own GEMM floor.
+
+    python benchmarks/suite.py            # everything (a few minutes on 2 cores)
+    python benchmarks/suite.py --quick    # smaller sizes and shorter timings
+
+Every case first asserts that hessmlp agrees with torch.func (float64 at 1e-9 and the
+timed float32 at 1e-4, relative to the largest entry), then times medians with
+torch.utils.benchmark (blocked_autorange) in this one process. Ratios are baseline
+time / hessmlp time (above 1: hessmlp faster). The GEMM floor of a call is the time of
+the same torch.mm / torch.bmm calls on the same shapes as its products with the weight
+matrices (DESIGN.md §5), timed here too. Writes benchmarks/results/cpu.md and PNG plots
+(with matplotlib; pip install .[bench]) with the machine, torch version and threads.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import torch
+from torch.utils import benchmark
+
+import hessmlp
+from hessmlp import _cost
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+F32, F64 = torch.float32, torch.float64
+
+
+# ---------------------------------------------------------------- helpers
+
+def median_s(fn, run_time):
+    fn()
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
+        min_run_time=run_time).median
+
+
+def rel_err(a, b):
+    scale = max(b.abs().max().item(), 1e-30)
+    return (a - b).abs().max().item() / scale
+
+
+def make(d, widths, m, act="tanh", dtype=F32, seed=0):
+    torch.manual_seed(seed)
+    model = hessmlp.MLP(d, widths, m, activation=act).to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def func_hessian(model, x, output=None):
+    f = (lambda v: model(v)) if output is None else (lambda v: model(v)[..., output])
+    return torch.func.vmap(torch.func.hessian(f))(x)
+
+
+def check(what, ours, ref, tol):
+    err = rel_err(ours, ref)
+    assert err <= tol, f"{what}: hessmlp disagrees with torch.func (relative error {err:.2e})"
+    return err
+
+
+def agree(model64, model32, x, mode, output=None):
+    """float64 against torch.func on a slice, float32 at the timed size on a slice."""
+    H64 = func_hessian(model64, x[:64].double(), output)
+    H32 = func_hessian(model32, x[:64], output)
+    for model, xx, H, tol in ((model64, x[:64].double(), H64, 1e-9), (model32, x[:64], H32, 1e-4)):
+        got = hessmlp.jet(model, xx, hessian=mode, output=output)
+        ref = {"full": H, "diag": H.diagonal(dim1=-2, dim2=-1),
+               "trace": H.diagonal(dim1=-2, dim2=-1).sum(-1)}[mode]
+        check(f"{mode} {xx.dtype}", got.hessian, ref, tol)
+
+
+def gemm_floor(B, d, widths, mode, method, dtype, run_time, train=False):
+    """Time of the products with the weight matrices that hessmlp's call performs."""
+    P = {"full": d * (d + 1) // 2, "diag": d, "trace": 1, "none": 0}[mode]
+    m = widths[-1]
+    C = 1 + d + (P if method == "forward" else 0)
+    shapes = [(B, d, widths[0])] + [(B * C, widths[l - 1], widths[l]) for l in range(1, len(widths))]
+    bmats = []
+    if method == "reverse":
+        shapes += [(B * m, widths[l], widths[l - 1]) for l in range(len(widths) - 1, 0, -1)]
+        if d > _cost.GRAM_LOOP_MAX_D:
+            # One triangle of blocks of each layer's Gram (csrc/jet_driver.cpp, gram_blocks).
+            bs = (d + 3) // 4
+            for l, n in enumerate(widths):
+                for i0 in range(0, d, bs):
+                    ni = min(bs, d - i0)
+                    bmats.append((torch.randn(B, m, ni, n, dtype=dtype),
+                                  torch.randn(1 if l == 0 else B, 1, n, d - i0, dtype=dtype)))
+    if train:  # the backward: weight gradient and input adjoint per layer
+        shapes += [(widths[l], B * C, widths[l - 1]) for l in range(1, len(widths))]
+        shapes += [(B * C, widths[l], widths[l - 1]) for l in range(1, len(widths))]
+        shapes += [(widths[0], B, d), (B, widths[0], d)]
+    mats = [(torch.randn(a, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for a, k, n in shapes]
+
+    def run():
+        for a, w in mats:
+            torch.mm(a, w)
+        for a, w in bmats:
+            torch.matmul(a, w)
+
+    return median_s(run, run_time)
+
+
+def train_step_fns(model, x, f):
+    params = dict(model.named_parameters())
+    plist = list(params.values())
+
+    def grads(loss):
+        gs = torch.autograd.grad(loss, plist, allow_unused=True)
+        return [torch.zeros_like(q) if g is None else g for g, q in zip(gs, plist)]
+
+    def ours():
+        return grads(((hessmlp.laplacian(model, x, output=0) - f) ** 2).mean())
+
+    def func():
+        def u(p, xi):
+            return torch.func.functional_call(model, p, (xi,))[0]
+        H = torch.func.vmap(torch.func.hessian(u, argnums=1), in_dims=(None, 0))(params, x)
+        return grads(((H.diagonal(dim1=-2, dim2=-1).sum(-1) - f) ** 2).mean())
+
+    return ours, func
+
+
+def peak_memory(d, widths, m, B, mode):
+    """Peak resident memory of one no-grad call in a fresh process, over what it must hold."""
+    code = textwrap.dedent(f"""
+        import torch, hessmlp
+        torch.manual_seed(0)
+        model = hessmlp.MLP({d}, {widths}, {m})
+        x = torch.randn({B}, {d})
+        with torch.no_grad():
+            hessmlp.jet(model, x[:8], hessian={mode!r})
+            def status(key):
+                for line in open("/proc/self/status"):
+                    if line.startswith(key):
+                        return int(line.split()[1]) * 1024
+            open("/proc/self/clear_refs", "w").write("5")
+            before = status("VmRSS:")
+            r = hessmlp.jet(model, x, hessian={mode!r})
+            print(status("VmHWM:") - before)
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300, check=True).stdout.split()
+        return int(out[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------- the suite
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller batches and sweeps, short timings")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args()
+    rt = 0.15 if args.quick else 0.5
+    q = 4 if args.quick else 1  # batch divisor
+    lines = []
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    say("# hessmlp CPU benchmark suite")
+    say()
+    say(f"{datetime.date.today()}, {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"hessmlp {hessmlp.__version__}, float32 timings{' (--quick)' if args.quick else ''}. "
+        "Ratios: baseline time / hessmlp time.")
+    say()
+
+    # ---- targets (issue 5)
+    say("## Targets")
+    say()
+    say("| case | hessmlp ms | baseline | baseline ms | ratio | target | GEMM floor ms | time / floor | target |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    d, widths, B = 3, [128] * 4, 4096 // q
+    ws = widths + [1]
+    m32, m64 = make(d, widths, 1), make(d, widths, 1, dtype=F64)
+    x = torch.rand(B, d) * 2 - 1
+    for mode in ("full", "trace", "diag"):
+        agree(m64, m32, x, mode)
+    t_func_h = median_s(lambda: func_hessian(m32, x), rt)
+    rows = []
+    method = _cost.choose_method(d, ws, "full")
+    t = median_s(lambda: hessmlp.hessian(m32, x), rt)
+    floor = gemm_floor(B, d, ws, "full", method, F32, rt)
+    rows.append((f"PINN full Hessian (d=3, 4x128 tanh, B={B}, {method})", t, "vmap(func.hessian)",
+                 t_func_h, 3.5, floor, 1.3))
+    for mode, name in (("trace", "Laplacian"), ("diag", "Hessian diagonal")):
+        fn = (lambda: hessmlp.laplacian(m32, x)) if mode == "trace" else (lambda: hessmlp.hessian_diag(m32, x))
+        post = ((lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1)) if mode == "trace"
+                else (lambda H: H.diagonal(dim1=-2, dim2=-1)))
+        tb = median_s(lambda: post(func_hessian(m32, x)), rt)
+        rows.append((f"PINN {name}", median_s(fn, rt), "func.hessian then " + mode, tb, 4.0,
+                     gemm_floor(B, d, ws, mode, "forward", F32, rt), None))
+    mt = make(d, widths, 1)
+    for p_ in mt.parameters():
+        p_.requires_grad_(True)
+    f = torch.sin(3 * x).sum(1)
+    ours, func = train_step_fns(mt, x, f)
+    for a, b in zip(ours(), func()):
+        assert rel_err(a, b) < 2e-3, "training-step gradients disagree with torch.func"
+    rows.append(("PINN training step (Laplacian loss + backward)", median_s(ours, rt),
+                 "torch.func route", median_s(func, rt), 5.0,
+                 gemm_floor(B, d, ws, "trace", "forward", F32, rt, train=True), None))
+    # the forum's case
+    fd, fw, fm, fB = 784, [512, 512], 10, 16
+    f32, f64_ = make(fd, fw, fm), make(fd, fw, fm, dtype=F64)
+    fx = torch.randn(fB, fd) * 0.5
+    for output in (None, 2):
+        Href = func_hessian(f64_, fx[:2].double(), output)
+        check("forum float64", hessmlp.hessian(f64_, fx[:2].double(), output=output), Href, 1e-9)
+        meth = _cost.choose_method(fd, fw + [fm if output is None else 1], "full")
+        t = median_s(lambda: hessmlp.hessian(f32, fx, output=output), rt)
+        tb = median_s(lambda: func_hessian(f32, fx, output), rt)
+        floor = gemm_floor(fB, fd, fw + [fm if output is None else 1], "full", meth, F32, rt)
+        label = "all 10 outputs" if output is None else "class 2"
+        rows.append((f"forum 784-512-512-10, B=16, {label} ({meth})", t, "vmap(func.hessian)", tb,
+                     None, floor, 1.5))
+    for name, t, bname, tb, target, floor, ftarget in rows:
+        ratio = tb / t
+        ok = "" if target is None else ("met" if ratio >= target else "missed")
+        fok = "" if ftarget is None else ("met" if t / floor <= ftarget else "missed")
+        say(f"| {name} | {t * 1e3:.2f} | {bname} | {tb * 1e3:.2f} | {ratio:.2f}x | "
+            f"{'' if target is None else f'>= {target}x '}{ok} | {floor * 1e3:.2f} | {t / floor:.2f} | "
+            f"{'' if ftarget is None else f'<= {ftarget} '}{fok} |")
+    say()
+
+    # ---- baselines for the PINN full Hessian
+    say(f"## PINN full Hessian (B={B}): every baseline")
+    say()
+    say("| route | ms | hessmlp speedup |")
+    say("|---|---|---|")
+    t_ours = median_s(lambda: hessmlp.hessian(m32, x), rt)
+    say(f"| hessmlp.hessian | {t_ours * 1e3:.2f} | 1.0x |")
+    say(f"| vmap(torch.func.hessian) | {t_func_h * 1e3:.2f} | {t_func_h / t_ours:.1f}x |")
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda v: func_hessian(m32, v))
+        check("compiled torch.func", compiled(x)[:, 0], func_hessian(m32, x)[:, 0], 1e-4)
+        tc = median_s(lambda: compiled(x), rt)
+        say(f"| torch.compile(vmap(torch.func.hessian)) | {tc * 1e3:.2f} | {tc / t_ours:.1f}x |")
+    except Exception as e:  # noqa: BLE001  (report a baseline that does not compile)
+        say(f"| torch.compile(vmap(torch.func.hessian)) | fails: {type(e).__name__} | - |")
+    xs = x[:256 // q]
+    t_small = median_s(lambda: hessmlp.hessian(m32, xs), rt)
+
+    def afh():
+        H = torch.autograd.functional.hessian(lambda v: m32(v)[:, 0].sum(), xs, vectorize=True)
+        return H.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+    check("autograd.functional", afh(), func_hessian(m32, xs)[:, 0], 1e-4)
+    ta = median_s(afh, rt)
+
+    def loop():
+        xx = xs.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(m32(xx)[:, 0].sum(), xx, create_graph=True)
+        return torch.stack([torch.autograd.grad(g[:, i].sum(), xx, retain_graph=True)[0]
+                            for i in range(d)], 1)
+
+    check("row loop", loop(), func_hessian(m32, xs)[:, 0], 1e-4)
+    tl = median_s(loop, rt)
+    say(f"| autograd.functional.hessian(vectorize=True), B={xs.shape[0]} | {ta * 1e3:.2f} | "
+        f"{ta / t_small:.1f}x (against hessmlp at that B) |")
+    say(f"| row-by-row autograd.grad loop, B={xs.shape[0]} | {tl * 1e3:.2f} | {tl / t_small:.1f}x |")
+    say()
+
+    # ---- sweeps
+    sweeps = {}
+
+    def sweep(name, configs):
+        say(f"## Sweep: {name}")
+        say()
+        say("| config | full: hessmlp ms | vs func | / GEMM floor | Laplacian: hessmlp ms | vs func | / GEMM floor |")
+        say("|---|---|---|---|---|---|---|")
+        out = []
+        for label, dd, ww, BB in configs:
+            mm = make(dd, ww, 1)
+            xx = torch.rand(BB, dd) * 2 - 1
+            H = func_hessian(mm, xx[:32])
+            check(f"sweep {label}", hessmlp.hessian(mm, xx[:32]), H, 1e-4)
+            meth = _cost.choose_method(dd, ww + [1], "full")
+            th = median_s(lambda: hessmlp.hessian(mm, xx), rt)
+            tf = median_s(lambda: func_hessian(mm, xx), rt)
+            fh = gemm_floor(BB, dd, ww + [1], "full", meth, F32, rt)
+            tlap = median_s(lambda: hessmlp.laplacian(mm, xx), rt)
+            tfl = median_s(lambda: func_hessian(mm, xx).diagonal(dim1=-2, dim2=-1).sum(-1), rt)
+            fl = gemm_floor(BB, dd, ww + [1], "trace", "forward", F32, rt)
+            say(f"| {label} | {th * 1e3:.2f} | {tf / th:.2f}x | {th / fh:.2f} | {tlap * 1e3:.2f} | "
+                f"{tfl / tlap:.2f}x | {tlap / fl:.2f} |")
+            out.append((label, tf / th, th / fh, tfl / tlap, tlap / fl))
+        say()
+        sweeps[name] = out
+
+    Bs = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
+    sweep("batch size (d=3, 4x128 tanh)", [(f"B={b}", 3, [128] * 4, b) for b in Bs])
+    Ws = [32, 128, 512] if args.quick else [32, 64, 128, 256, 512]
+    sweep("width (d=3, 4 layers, B=1024)", [(f"width={w}", 3, [w] * 4, 1024 // q) for w in Ws])
+    Ds = [1, 3, 8] if args.quick else [1, 2, 3, 4, 6, 8, 12, 16]
+    sweep("input dimension d (4x128, B=1024)", [(f"d={dd}", dd, [128] * 4, 1024 // q) for dd in Ds])
+
+    # ---- method crossover
+    say("## Full Hessian: forward jets against reverse-Gram (3x128 tanh, float32)")
+    say()
+    say("| m | d | forward us/sample | reverse us/sample | faster | auto picks |")
+    say("|---|---|---|---|---|---|")
+    for mo in (1, 4):
+        for dd in ([2, 4, 16] if args.quick else [2, 3, 4, 6, 8, 16, 32, 48]):
+            mm = make(dd, [128] * 3, mo)
+            BB = max(32, 4096 // dd // q)
+            xx = torch.rand(BB, dd)
+            tf = median_s(lambda: hessmlp.hessian(mm, xx, method="forward"), rt / 2) / BB
+            tr = median_s(lambda: hessmlp.hessian(mm, xx, method="reverse"), rt / 2) / BB
+            say(f"| {mo} | {dd} | {tf * 1e6:.2f} | {tr * 1e6:.2f} | {'forward' if tf < tr else 'reverse'} | "
+                f"{_cost.choose_method(dd, [128] * 3 + [mo], 'full')} |")
+    say()
+
+    # ---- memory
+    say("## Peak memory of one full-Hessian call (no grad, fresh process)")
+    say()
+    say("| case | peak MiB | inputs + outputs + one layer's columns MiB | ratio |")
+    say("|---|---|---|---|")
+    for dd, ww, mo, BB in ((3, [128] * 4, 1, 16384 // q), (8, [256] * 3, 2, 4096 // q)):
+        peak = peak_memory(dd, ww, mo, BB, "full")
+        P = dd * (dd + 1) // 2
+        must = 4 * (BB * dd + sum(a * b for a, b in zip([dd] + ww, ww + [mo])) + BB * mo * (1 + dd + dd * dd)
+                    + BB * (1 + dd + P) * max(ww))
+        if peak is None:
+            say(f"| d={dd}, {len(ww)}x{ww[0]}, m={mo}, B={BB} | not measured | {must / 2**20:.1f} | - |")
+        else:
+            say(f"| d={dd}, {len(ww)}x{ww[0]}, m={mo}, B={BB} | {peak / 2**20:.1f} | {must / 2**20:.1f} | "
+                f"{peak / must:.2f} |")
+    say()
+
+    os.makedirs(args.out, exist_ok=True)
+    md = os.path.join(args.out, "cpu.md")
+    with open(md, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("written", md)
+    if not args.no_plots:
+        plot(sweeps, args.out)
+
+
+def plot(sweeps, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install .[bench]): no plots")
+        return
+    fig, axes = plt.subplots(2, len(sweeps), figsize=(5 * len(sweeps), 7), squeeze=False)
+    for j, (name, rows) in enumerate(sweeps.items()):
+        labels = [r[0] for r in rows]
+        xs = range(len(rows))
+        ax = axes[0][j]
+        ax.plot(xs, [r[1] for r in rows], "o-", label="full Hessian")
+        ax.plot(xs, [r[3] for r in rows], "s-", label="Laplacian")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("speedup over torch.func")
+        ax.set_xticks(list(xs), labels, rotation=30, fontsize=7)
+        ax.legend(fontsize=7)
+        ax = axes[1][j]
+        ax.plot(xs, [r[2] for r in rows], "o-", label="full Hessian")
+        ax.plot(xs, [r[4] for r in rows], "s-", label="Laplacian")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_ylabel("time / GEMM floor")
+        ax.set_xticks(list(xs), labels, rotation=30, fontsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "cpu_sweeps.png")
+    fig.savefig(path, dpi=110)
+    print("written", path)
+
+
+if __name__ == "__main__":
+    main()
