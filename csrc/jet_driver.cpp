@@ -39,9 +39,10 @@ struct Net {
   at::ArrayRef<double> act_params;
   at::Tensor w0t;  // W_0^T [d, n_0], contiguous: T at layer 0 for every sample
 
-  StageArgs stage(Mode mode, int64_t l, const at::Tensor& state, const at::Tensor& bias) const {
+  StageArgs stage(Mode mode, int64_t l, const at::Tensor& state, const at::Tensor& bias,
+                  at::Tensor* derivs = nullptr) const {
     return StageArgs{mode, state.size(0), spec.widths[l], spec.d, state, w0t, bias, l == 0,
-                     stage_desc(spec, l, act_codes, act_params)};
+                     stage_desc(spec, l, act_codes, act_params), derivs};
   }
 };
 
@@ -49,22 +50,22 @@ struct Net {
 // `state`), written into out [rows, C, n]; s1, s2 [rows, n] when given.
 void stage_forward_into(const Kernels& k, const Net& net, Mode mode, int64_t l,
                         const at::Tensor& state, at::Tensor& out, at::Tensor* s1 = nullptr,
-                        at::Tensor* s2 = nullptr) {
+                        at::Tensor* s2 = nullptr, at::Tensor* derivs = nullptr) {
   const int64_t B = state.size(0), n = net.spec.widths[l];
   const at::Tensor bias = bias_of(net.biases, l);
   at::Tensor d1 = s1 ? at::empty({B, n}, state.options()) : at::Tensor();
   at::Tensor d2 = s2 ? at::empty({B, n}, state.options()) : at::Tensor();
-  if (B > 0) k.stage_forward(net.stage(mode, l, state, bias), out, d1, d2);
+  if (B > 0) k.stage_forward(net.stage(mode, l, state, bias, derivs), out, d1, d2);
   if (s1) *s1 = d1;
   if (s2) *s2 = d2;
 }
 
 at::Tensor stage_forward(const Kernels& k, const Net& net, Mode mode, int64_t l,
                          const at::Tensor& state, at::Tensor* s1 = nullptr,
-                         at::Tensor* s2 = nullptr) {
+                         at::Tensor* s2 = nullptr, at::Tensor* derivs = nullptr) {
   const int64_t C = 1 + net.spec.d + n_pairs(mode, net.spec.d);
   at::Tensor out = at::empty({state.size(0), C, net.spec.widths[l]}, state.options());
-  stage_forward_into(k, net, mode, l, state, out, s1, s2);
+  stage_forward_into(k, net, mode, l, state, out, s1, s2, derivs);
   return out;
 }
 
@@ -228,10 +229,12 @@ void backward_sweep(const Kernels& k, const Net& net, const at::Tensor& x,
   // The adjoint of the last layer's columns [nb, C, m].
   at::Tensor g = at::empty({nb, C, spec.m()}, x.options());
   k.pack_adjoint(spec.mode, d, rows(gv), rows(gj), rows(gh), g);
+  at::Tensor derivs;  // the current stage's derivatives, when the recomputation below kept them
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t n = spec.widths[l];
     // The stage: g becomes the adjoint of this Linear's output (z_bar, T_bar, S_bar).
-    k.stage_adjoint(net.stage(spec.mode, l, rows(state[l]), bias_of(net.biases, l)), g);
+    k.stage_adjoint(net.stage(spec.mode, l, rows(state[l]), bias_of(net.biases, l), &derivs), g);
+    derivs = at::Tensor();
     const at::Tensor zbar = g.select(1, 0);  // [nb, n]
     if (gb[l].numel() > 0) gb[l].add_(zbar.sum(0));
     if (l > 0) {
@@ -239,7 +242,8 @@ void backward_sweep(const Kernels& k, const Net& net, const at::Tensor& x,
       const at::Tensor g2 = g.view({nb * C, n});
       if (need_w) {
         // This Linear's input: the previous stage applied to the previous state.
-        const at::Tensor act = stage_forward(k, net, spec.mode, l - 1, rows(state[l - 1]));
+        const at::Tensor act =
+            stage_forward(k, net, spec.mode, l - 1, rows(state[l - 1]), nullptr, nullptr, &derivs);
         gw[l].addmm_(g2.t(), act.view({nb * C, n_prev}));
       }
       g = at::mm(g2, net.weights[l]).view({nb, C, n_prev});

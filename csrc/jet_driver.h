@@ -26,6 +26,10 @@ struct StageArgs {
   const at::Tensor& bias;   // [n] or undefined
   bool first;               // layer 0: T = w0t for every sample, S = 0
   StageDesc stage;
+  // Optional cache of the stage's derivatives for backends that keep them (the CPU:
+  // [4, rows, n]): used when defined, filled when not. The backward sweep passes the
+  // same slot to the recomputed stage and then to its adjoint.
+  at::Tensor* derivs = nullptr;
 };
 
 // Where the input of a stage lives, as the kernels read it.

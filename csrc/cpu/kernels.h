@@ -26,6 +26,14 @@ HESSMLP_DECLARE_KERNELS()
 // rest (act_from_prims, compose) in one pass.
 at::Tensor stage_derivs_batch(const StageArgs& a);
 
+// The same, taken from (or left in) the StageArgs' cache slot.
+inline at::Tensor stage_derivs_cached(const StageArgs& a) {
+  if (a.derivs && a.derivs->defined()) return *a.derivs;
+  at::Tensor D = stage_derivs_batch(a);
+  if (a.derivs) *a.derivs = D;
+  return D;
+}
+
 // Lanes of the per-neuron math on the CPU: as many neurons as fill 64 bytes.
 template <typename T>
 constexpr int kLanes = static_cast<int>(64 / sizeof(T));

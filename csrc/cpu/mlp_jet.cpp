@@ -135,7 +135,7 @@ HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, int64_t N,
 void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2) {
   const int64_t n = a.n, d = a.d, N = a.batch * a.n;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
-  const at::Tensor D = stage_derivs_batch(a);
+  const at::Tensor D = stage_derivs_cached(a);
   if (s1.defined()) s1.copy_(D[1]);
   if (s2.defined()) s2.copy_(D[2]);
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cpu", [&] {

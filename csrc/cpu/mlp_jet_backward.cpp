@@ -50,7 +50,7 @@ HM_SIMD_CLONES void adjoint_rows(Mode mode, int64_t d, int64_t n, int64_t N,
 void stage_adjoint(const StageArgs& a, at::Tensor& g) {
   const int64_t n = a.n, d = a.d, N = a.batch * a.n;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
-  const at::Tensor D = stage_derivs_batch(a);
+  const at::Tensor D = stage_derivs_cached(a);
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_adjoint_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
     const scalar_t* dp = D.data_ptr<scalar_t>();
