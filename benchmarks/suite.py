@@ -89,8 +89,12 @@ def gemm_floor(B, d, widths, mode, method, dtype, run_time, train=False):
             for l, n in enumerate(widths):
                 for i0 in range(0, d, bs):
                     ni = min(bs, d - i0)
-                    bmats.append((torch.randn(B, m, ni, n, dtype=dtype),
-                                  torch.randn(1 if l == 0 else B, 1, n, d - i0, dtype=dtype)))
+                    if l == 0:  # T_0 = W_0, shared by all samples
+                        bmats.append((torch.randn(B * m * ni, n, dtype=dtype),
+                                      torch.randn(n, d - i0, dtype=dtype)))
+                    else:
+                        bmats.append((torch.randn(B, m * ni, n, dtype=dtype),
+                                      torch.randn(B, n, d - i0, dtype=dtype)))
     if train:  # the backward: weight gradient and input adjoint per layer
         shapes += [(widths[l], B * C, widths[l - 1]) for l in range(1, len(widths))]
         shapes += [(B * C, widths[l], widths[l - 1]) for l in range(1, len(widths))]

@@ -158,15 +158,19 @@ constexpr int64_t kGramBlocks = 4;
 
 void gram_blocks(const at::Tensor& t, const at::Tensor& w, at::Tensor& hess) {
   const int64_t d = hess.size(-1), bs = (d + kGramBlocks - 1) / kGramBlocks;
+  const int64_t B = w.size(0), m = w.size(1), n = w.size(2);
   const bool shared = t.dim() == 2;
   const at::Tensor tb = shared ? t.unsqueeze(0).unsqueeze(0) : t.unsqueeze(1);  // [B|1, 1, d, n]
   for (int64_t i0 = 0; i0 < d; i0 += bs) {
-    const int64_t ni = std::min(bs, d - i0);
-    // Rows I of T scaled by w: [B, m, |I|, n].
-    const at::Tensor a = tb.narrow(2, i0, ni) * w.unsqueeze(2);
-    const at::Tensor rest = tb.narrow(2, i0, d - i0).transpose(2, 3);  // [B|1, 1, n, d - i0]
-    at::Tensor out = hess.narrow(2, i0, ni).narrow(3, i0, d - i0);
-    out.add_(at::matmul(a, rest));
+    const int64_t ni = std::min(bs, d - i0), nj = d - i0;
+    // Rows I of T scaled by w: [B, m, |I|, n], then one GEMM (shared T) or one GEMM per
+    // sample against the rows J >= I of T, with no copy of T per output.
+    const at::Tensor a = (tb.narrow(2, i0, ni) * w.unsqueeze(2)).contiguous();
+    const at::Tensor prod =
+        shared ? at::mm(a.view({B * m * ni, n}), t.narrow(0, i0, nj).t()).view({B, m, ni, nj})
+               : at::bmm(a.view({B, m * ni, n}), t.narrow(1, i0, nj).transpose(1, 2))
+                     .view({B, m, ni, nj});
+    hess.narrow(2, i0, ni).narrow(3, i0, nj).add_(prod);
   }
 }
 
