@@ -102,34 +102,93 @@ HM_HD Prims<T> act_prims(int code, T p0, T p1, T z) {
   return r;
 }
 
+// The functions whose derivatives follow from their prims with arithmetic alone
+// (no branch on z), so that a lane may hold several neurons at once.
+HM_HD bool is_smooth(int code) {
+  return code == ACT_IDENTITY || code == ACT_AFFINE || code == ACT_TANH || code == ACT_SIGMOID ||
+         code == ACT_SILU || code == ACT_GELU || code == ACT_GELU_TANH || code == ACT_SIN ||
+         code == ACT_SQUARE;
+}
+
+template <int Code, typename T>
+HM_HD Derivs<T> smooth_from_prims(T p0, T p1, T z, const Prims<T>& pr) {
+  Derivs<T> r{z, T(1), T(0), T(0)};
+  if constexpr (Code == ACT_AFFINE) {
+    r.s = p0 * z + p1;
+    r.s1 = p0;
+  } else if constexpr (Code == ACT_TANH) {
+    const T t = pr.a;
+    const T d1 = T(1) - t * t;
+    r.s = t;
+    r.s1 = d1;
+    r.s2 = T(-2) * t * d1;
+    r.s3 = T(2) * d1 * (T(3) * t * t - T(1));
+  } else if constexpr (Code == ACT_SIGMOID) {
+    const T sg = pr.a;
+    const T q = sg * (T(1) - sg);
+    r.s = sg;
+    r.s1 = q;
+    r.s2 = q * (T(1) - T(2) * sg);
+    r.s3 = q * (T(1) - T(6) * q);
+  } else if constexpr (Code == ACT_SILU) {
+    const T sg = pr.a;
+    const T q = sg * (T(1) - sg);
+    const T a = T(1) - T(2) * sg;
+    r.s = z * sg;
+    r.s1 = sg + z * q;
+    r.s2 = q * (T(2) + z * a);
+    r.s3 = q * (a * (T(3) + z * a) - T(2) * z * q);
+  } else if constexpr (Code == ACT_GELU) {
+    const T cdf = T(0.5) * (T(1) + pr.a);
+    const T pdf = T(kInvSqrt2Pi) * pr.b;
+    r.s = z * cdf;
+    r.s1 = cdf + z * pdf;
+    r.s2 = pdf * (T(2) - z * z);
+    r.s3 = pdf * z * (z * z - T(4));
+  } else if constexpr (Code == ACT_GELU_TANH) {
+    const T k0 = T(kGeluK0), k1 = T(kGeluK1);
+    const T z2 = z * z;
+    const T u1 = k0 * (T(1) + T(3) * k1 * z2);  // du/dz
+    const T u2 = T(6) * k0 * k1 * z;            // d2u/dz2
+    const T u3 = T(6) * k0 * k1;                // d3u/dz3
+    const T t = pr.a;
+    const T h = T(1) - t * t;
+    const T t1 = h * u1;
+    const T t2 = h * (u2 - T(2) * t * u1 * u1);
+    const T t3 = h * (u3 - T(6) * t * u1 * u2 + (T(4) * t * t - T(2) * h) * u1 * u1 * u1);
+    r.s = T(0.5) * z * (T(1) + t);
+    r.s1 = T(0.5) * (T(1) + t) + T(0.5) * z * t1;
+    r.s2 = t1 + T(0.5) * z * t2;
+    r.s3 = T(1.5) * t2 + T(0.5) * z * t3;
+  } else if constexpr (Code == ACT_SIN) {
+    const T sn = pr.a, cs = pr.b;
+    const T w2 = p0 * p0;
+    r.s = sn;
+    r.s1 = p0 * cs;
+    r.s2 = T(0) - w2 * sn;
+    r.s3 = T(0) - w2 * p0 * cs;
+  } else if constexpr (Code == ACT_SQUARE) {
+    r.s = z * z;
+    r.s1 = T(2) * z;
+    r.s2 = T(2);
+  }
+  return r;
+}
+
 // Value and first three derivatives of one elementwise function at z, from its
 // transcendental values (act_prims).
 template <typename T>
 HM_HD Derivs<T> act_from_prims(int code, T p0, T p1, T z, const Prims<T>& pr) {
   Derivs<T> r{z, T(1), T(0), T(0)};
   switch (code) {
-    case ACT_AFFINE:
-      r.s = p0 * z + p1;
-      r.s1 = p0;
-      break;
-    case ACT_TANH: {
-      const T t = pr.a;
-      const T d1 = T(1) - t * t;
-      r.s = t;
-      r.s1 = d1;
-      r.s2 = T(-2) * t * d1;
-      r.s3 = T(2) * d1 * (T(3) * t * t - T(1));
-      break;
-    }
-    case ACT_SIGMOID: {
-      const T sg = pr.a;
-      const T q = sg * (T(1) - sg);
-      r.s = sg;
-      r.s1 = q;
-      r.s2 = q * (T(1) - T(2) * sg);
-      r.s3 = q * (T(1) - T(6) * q);
-      break;
-    }
+    case ACT_AFFINE: return smooth_from_prims<ACT_AFFINE, T>(p0, p1, z, pr);
+    case ACT_TANH: return smooth_from_prims<ACT_TANH, T>(p0, p1, z, pr);
+    case ACT_SIGMOID: return smooth_from_prims<ACT_SIGMOID, T>(p0, p1, z, pr);
+    case ACT_SILU: return smooth_from_prims<ACT_SILU, T>(p0, p1, z, pr);
+    case ACT_GELU: return smooth_from_prims<ACT_GELU, T>(p0, p1, z, pr);
+    case ACT_GELU_TANH: return smooth_from_prims<ACT_GELU_TANH, T>(p0, p1, z, pr);
+    case ACT_SIN: return smooth_from_prims<ACT_SIN, T>(p0, p1, z, pr);
+    case ACT_SQUARE: return smooth_from_prims<ACT_SQUARE, T>(p0, p1, z, pr);
     case ACT_SOFTPLUS: {
       // The second derivative (softplus_double_backward) is nonzero only for
       // z*beta < threshold, so exactly at the threshold s1 is smooth and s2 = s3 = 0.
@@ -144,42 +203,6 @@ HM_HD Derivs<T> act_from_prims(int code, T p0, T p1, T z, const Prims<T>& pr) {
           r.s3 = p0 * p0 * q * (T(1) - T(2) * sg);
         }
       }
-      break;
-    }
-    case ACT_SILU: {
-      const T sg = pr.a;
-      const T q = sg * (T(1) - sg);
-      const T a = T(1) - T(2) * sg;
-      r.s = z * sg;
-      r.s1 = sg + z * q;
-      r.s2 = q * (T(2) + z * a);
-      r.s3 = q * (a * (T(3) + z * a) - T(2) * z * q);
-      break;
-    }
-    case ACT_GELU: {
-      const T cdf = T(0.5) * (T(1) + pr.a);
-      const T pdf = T(kInvSqrt2Pi) * pr.b;
-      r.s = z * cdf;
-      r.s1 = cdf + z * pdf;
-      r.s2 = pdf * (T(2) - z * z);
-      r.s3 = pdf * z * (z * z - T(4));
-      break;
-    }
-    case ACT_GELU_TANH: {
-      const T k0 = T(kGeluK0), k1 = T(kGeluK1);
-      const T z2 = z * z;
-      const T u1 = k0 * (T(1) + T(3) * k1 * z2);  // du/dz
-      const T u2 = T(6) * k0 * k1 * z;            // d2u/dz2
-      const T u3 = T(6) * k0 * k1;                // d3u/dz3
-      const T t = pr.a;
-      const T h = T(1) - t * t;
-      const T t1 = h * u1;
-      const T t2 = h * (u2 - T(2) * t * u1 * u1);
-      const T t3 = h * (u3 - T(6) * t * u1 * u2 + (T(4) * t * t - T(2) * h) * u1 * u1 * u1);
-      r.s = T(0.5) * z * (T(1) + t);
-      r.s1 = T(0.5) * (T(1) + t) + T(0.5) * z * t1;
-      r.s2 = t1 + T(0.5) * z * t2;
-      r.s3 = T(1.5) * t2 + T(0.5) * z * t3;
       break;
     }
     case ACT_RELU:
@@ -213,19 +236,6 @@ HM_HD Derivs<T> act_from_prims(int code, T p0, T p1, T z, const Prims<T>& pr) {
           r.s3 = e;
         }
       }
-      break;
-    case ACT_SIN: {
-      const T sn = pr.a, cs = pr.b;
-      r.s = sn;
-      r.s1 = p0 * cs;
-      r.s2 = -p0 * p0 * sn;
-      r.s3 = -p0 * p0 * p0 * cs;
-      break;
-    }
-    case ACT_SQUARE:
-      r.s = z * z;
-      r.s1 = T(2) * z;
-      r.s2 = T(2);
       break;
     default:  // ACT_IDENTITY
       break;

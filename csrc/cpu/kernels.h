@@ -26,6 +26,73 @@ HESSMLP_DECLARE_KERNELS()
 // rest (act_from_prims, compose) in one pass.
 at::Tensor stage_derivs_batch(const StageArgs& a);
 
+// A stage of at most one function with branch-free derivatives (is_smooth): its
+// derivatives are computed on packs of neurons inside the jet pass from z + bias
+// and the function's transcendental values, with no derivative arrays in memory.
+inline bool fused_stage(const StageDesc& st) {
+  return st.n_ops == 0 || (st.n_ops == 1 && is_smooth(st.codes[0]));
+}
+
+// For a fused stage: z + bias and the prims a, b (undefined when unused), [rows, n].
+struct StagePrims {
+  at::Tensor z, a, b;
+  int code;
+  double p0, p1;
+};
+StagePrims stage_prims(const StageArgs& a);
+
+// Calls body(std::integral_constant<int, code>) for the code of a fused stage.
+template <typename Body>
+inline void with_smooth_code(int code, Body&& body) {
+  switch (code) {
+    case ACT_AFFINE: return body(std::integral_constant<int, ACT_AFFINE>());
+    case ACT_TANH: return body(std::integral_constant<int, ACT_TANH>());
+    case ACT_SIGMOID: return body(std::integral_constant<int, ACT_SIGMOID>());
+    case ACT_SILU: return body(std::integral_constant<int, ACT_SILU>());
+    case ACT_GELU: return body(std::integral_constant<int, ACT_GELU>());
+    case ACT_GELU_TANH: return body(std::integral_constant<int, ACT_GELU_TANH>());
+    case ACT_SIN: return body(std::integral_constant<int, ACT_SIN>());
+    case ACT_SQUARE: return body(std::integral_constant<int, ACT_SQUARE>());
+    default: return body(std::integral_constant<int, ACT_IDENTITY>());
+  }
+}
+
+// Where a lane's derivatives come from: derivative arrays D [4, N] (any stage), or
+// z + bias and prims (fused stages, Code known at compile time).
+template <typename T>
+struct DerivSource {
+  const T* d;            // D, or null
+  int64_t N;
+  const T *z, *pa, *pb;  // fused
+  T p0, p1;
+
+  template <int Code, typename L>
+  inline __attribute__((always_inline)) Derivs<L> at(int64_t r) const {
+    if (d) {
+      return Derivs<L>{lane_load<L>(d, r), lane_load<L>(d + N, r), lane_load<L>(d + 2 * N, r),
+                       lane_load<L>(d + 3 * N, r)};
+    }
+    const Prims<L> pr{pa ? lane_load<L>(pa, r) : L(0), pb ? lane_load<L>(pb, r) : L(0)};
+    return smooth_from_prims<Code, L>(L(p0), L(p1), lane_load<L>(z, r), pr);
+  }
+};
+
+template <typename T>
+DerivSource<T> derivs_source(const at::Tensor& D, const StagePrims& p, int64_t N) {
+  DerivSource<T> src{};
+  src.N = N;
+  if (D.defined()) {
+    src.d = D.data_ptr<T>();
+  } else {
+    src.z = p.z.data_ptr<T>();
+    src.pa = p.a.defined() ? p.a.data_ptr<T>() : nullptr;
+    src.pb = p.b.defined() ? p.b.data_ptr<T>() : nullptr;
+    src.p0 = static_cast<T>(p.p0);
+    src.p1 = static_cast<T>(p.p1);
+  }
+  return src;
+}
+
 // The same, taken from (or left in) the StageArgs' cache slot.
 inline at::Tensor stage_derivs_cached(const StageArgs& a) {
   if (a.derivs && a.derivs->defined()) return *a.derivs;

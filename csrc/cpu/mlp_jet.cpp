@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -96,54 +97,62 @@ at::Tensor stage_derivs_batch(const StageArgs& a) {
   return D;
 }
 
+StagePrims stage_prims(const StageArgs& a) {
+  const at::Tensor z = a.first ? a.state : a.state.select(1, 0);
+  StagePrims p;
+  p.z = a.bias.defined() ? at::add(z, a.bias) : z.contiguous();
+  p.code = a.stage.n_ops == 0 ? ACT_IDENTITY : a.stage.codes[0];
+  p.p0 = a.stage.n_ops == 0 ? 0.0 : a.stage.params[0];
+  p.p1 = a.stage.n_ops == 0 ? 0.0 : a.stage.params[1];
+  std::tie(p.a, p.b) = prims_of(p.code, p.p0, p.p1, p.z);
+  return p;
+}
+
 namespace {
 
-// The jet step of samples b0..b1 (all their neurons), derivatives D [4, N].
-template <typename T>
+// The jet step of samples b0..b1 (all their neurons), derivatives from src.
+template <int Code, typename T>
 inline __attribute__((always_inline)) void step_rows_impl(
-    Mode mode, int64_t d, int64_t n, int64_t N, const StageInput<T>& in, const T* dp, T* op,
+    Mode mode, int64_t d, int64_t n, const StageInput<T>& in, const DerivSource<T>& src, T* op,
     int64_t b0, int64_t b1) {
   const int64_t C = 1 + d + n_pairs(mode, d);
   for (int64_t b = b0; b < b1; ++b) {
     const T* t = in.t_of(b);
     const T* s = in.s_of(b);
-    const T* db = dp + b * n;
     T* o = op + b * C * n;
     for_each_lane<T>(n, [&](auto lane, int64_t i) {
       using L = decltype(lane);
-      const Derivs<L> f{lane_load<L>(db, i), lane_load<L>(db + N, i), lane_load<L>(db + 2 * N, i),
-                        lane_load<L>(db + 3 * N, i)};
+      const Derivs<L> f = src.template at<Code, L>(b * n + i);
       jet_step_neuron<L>(mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n, lane_ptr<L>(o, i));
     });
   }
 }
 
-HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, int64_t N,
-                              const StageInput<float>& in, const float* dp, float* op, int64_t b0,
-                              int64_t b1) {
-  step_rows_impl<float>(mode, d, n, N, in, dp, op, b0, b1);
-}
-
-HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, int64_t N,
-                              const StageInput<double>& in, const double* dp, double* op,
-                              int64_t b0, int64_t b1) {
-  step_rows_impl<double>(mode, d, n, N, in, dp, op, b0, b1);
+template <typename T>
+HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, const StageInput<T>& in,
+                              const DerivSource<T>& src, int code, T* op, int64_t b0, int64_t b1) {
+  with_smooth_code(code, [&](auto c) {
+    step_rows_impl<decltype(c)::value, T>(mode, d, n, in, src, op, b0, b1);
+  });
 }
 
 }  // namespace
 
 void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2) {
-  const int64_t n = a.n, d = a.d, N = a.batch * a.n;
+  const int64_t n = a.n, d = a.d;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
-  const at::Tensor D = stage_derivs_cached(a);
+  const bool fused = fused_stage(a.stage) && !s1.defined() && !s2.defined();
+  const at::Tensor D = fused ? at::Tensor() : stage_derivs_cached(a);
+  const StagePrims pr = fused ? stage_prims(a) : StagePrims{};
   if (s1.defined()) s1.copy_(D[1]);
   if (s2.defined()) s2.copy_(D[2]);
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
-    const scalar_t* dp = D.data_ptr<scalar_t>();
+    const DerivSource<scalar_t> src = derivs_source<scalar_t>(D, pr, a.batch * n);
     scalar_t* op = out.data_ptr<scalar_t>();
+    const int code = fused ? pr.code : ACT_IDENTITY;  // with D, the code is not used
     at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
-      step_rows(a.mode, d, n, N, in, dp, op, b0, b1);
+      step_rows<scalar_t>(a.mode, d, n, in, src, code, op, b0, b1);
     });
   });
 }

@@ -13,50 +13,48 @@ namespace cpu {
 
 namespace {
 
-// The stage adjoint of samples b0..b1 in place on g, derivatives D [4, N].
-template <typename T>
+// The stage adjoint of samples b0..b1 in place on g, derivatives from src.
+template <int Code, typename T>
 inline __attribute__((always_inline)) void adjoint_rows_impl(
-    Mode mode, int64_t d, int64_t n, int64_t N, const StageInput<T>& in, const T* dp, T* gp,
+    Mode mode, int64_t d, int64_t n, const StageInput<T>& in, const DerivSource<T>& src, T* gp,
     int64_t b0, int64_t b1) {
   const int64_t C = 1 + d + n_pairs(mode, d);
   for (int64_t b = b0; b < b1; ++b) {
     const T* t = in.t_of(b);
     const T* s = in.s_of(b);
-    const T* db = dp + b * n;
     T* gb = gp + b * C * n;
     for_each_lane<T>(n, [&](auto lane, int64_t i) {
       using L = decltype(lane);
-      const Derivs<L> f{lane_load<L>(db, i), lane_load<L>(db + N, i), lane_load<L>(db + 2 * N, i),
-                        lane_load<L>(db + 3 * N, i)};
+      const Derivs<L> f = src.template at<Code, L>(b * n + i);
       jet_adjoint_neuron<L>(mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n, lane_ptr<L>(gb, i));
     });
   }
 }
 
-HM_SIMD_CLONES void adjoint_rows(Mode mode, int64_t d, int64_t n, int64_t N,
-                                 const StageInput<float>& in, const float* dp, float* gp,
-                                 int64_t b0, int64_t b1) {
-  adjoint_rows_impl<float>(mode, d, n, N, in, dp, gp, b0, b1);
-}
-
-HM_SIMD_CLONES void adjoint_rows(Mode mode, int64_t d, int64_t n, int64_t N,
-                                 const StageInput<double>& in, const double* dp, double* gp,
-                                 int64_t b0, int64_t b1) {
-  adjoint_rows_impl<double>(mode, d, n, N, in, dp, gp, b0, b1);
+template <typename T>
+HM_SIMD_CLONES void adjoint_rows(Mode mode, int64_t d, int64_t n, const StageInput<T>& in,
+                                 const DerivSource<T>& src, int code, T* gp, int64_t b0,
+                                 int64_t b1) {
+  with_smooth_code(code, [&](auto c) {
+    adjoint_rows_impl<decltype(c)::value, T>(mode, d, n, in, src, gp, b0, b1);
+  });
 }
 
 }  // namespace
 
 void stage_adjoint(const StageArgs& a, at::Tensor& g) {
-  const int64_t n = a.n, d = a.d, N = a.batch * a.n;
+  const int64_t n = a.n, d = a.d;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
-  const at::Tensor D = stage_derivs_cached(a);
+  const bool fused = fused_stage(a.stage);
+  const at::Tensor D = fused ? at::Tensor() : stage_derivs_cached(a);
+  const StagePrims pr = fused ? stage_prims(a) : StagePrims{};
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_adjoint_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
-    const scalar_t* dp = D.data_ptr<scalar_t>();
+    const DerivSource<scalar_t> src = derivs_source<scalar_t>(D, pr, a.batch * n);
     scalar_t* gp = g.data_ptr<scalar_t>();
+    const int code = fused ? pr.code : ACT_IDENTITY;
     at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
-      adjoint_rows(a.mode, d, n, N, in, dp, gp, b0, b1);
+      adjoint_rows<scalar_t>(a.mode, d, n, in, src, code, gp, b0, b1);
     });
   });
 }
