@@ -16,10 +16,13 @@ import torch
 # benchmarks/suite.py, "method crossover"), in units of one GEMM multiply-add:
 # Cost of touching one element in a fused elementwise pass.
 ELEMENTWISE_WEIGHT = 4.0
-# One multiply-add of the reverse-Gram triangle loop (d <= 32) and of its batched GEMMs (d > 32).
+# One multiply-add of the reverse-Gram triangle loop (small d) and of its batched GEMMs over a
+# triangle of blocks (about 5/8 of the full product).
 GRAM_WEIGHT = 26.0
-GRAM_GEMM_WEIGHT = 4.0
-GRAM_LOOP_MAX_D = 32  # csrc/jet_driver.cpp, kGramKernelMaxD
+# (batched GEMMs of small blocks: per-call overheads and the scaling pass weigh more at small d)
+def gram_gemm_weight(d: int) -> float:
+    return 1.0 + 50.0 / d
+GRAM_LOOP_MAX_D = 6  # csrc/jet_driver.cpp, kGramKernelMaxD
 # Reverse-Gram's extra passes (whole batch at once, backward of m columns) on top of that.
 REVERSE_OVERHEAD = 1.6
 
@@ -46,7 +49,7 @@ def reverse_cost(d: int, widths: Sequence[int]) -> float:
     if d <= GRAM_LOOP_MAX_D:
         gram = GRAM_WEIGHT * sum(m * n * P for n in widths)
     else:
-        gram = GRAM_GEMM_WEIGHT * sum(m * n * d * d for n in widths)
+        gram = gram_gemm_weight(d) * sum(m * n * d * d for n in widths)
     return REVERSE_OVERHEAD * (gemm + ELEMENTWISE_WEIGHT * elementwise + gram)
 
 
