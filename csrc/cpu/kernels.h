@@ -93,6 +93,26 @@ DerivSource<T> derivs_source(const at::Tensor& D, const StagePrims& p, int64_t N
   return src;
 }
 
+// Calls fn(f, t, s, g) for every lane of samples b0..b1 of a stage: f its derivatives
+// (from src, Code as in with_smooth_code), t / s its first- and second-order input
+// rows, g its rows of the [B, C, n] columns at `cols`. The jet pass and its adjoint
+// differ only in fn.
+template <int Code, typename T, typename Fn>
+inline __attribute__((always_inline)) void for_stage_lanes(
+    Mode mode, int64_t d, int64_t n, const StageInput<T>& in, const DerivSource<T>& src,
+    T* cols, int64_t b0, int64_t b1, Fn&& fn) {
+  const int64_t C = 1 + d + n_pairs(mode, d);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* t = in.t_of(b);
+    const T* s = in.s_of(b);
+    T* g = cols + b * C * n;
+    for_each_lane<T>(n, [&](auto lane, int64_t i) {
+      using L = decltype(lane);
+      fn(src.template at<Code, L>(b * n + i), lane_ptr<L>(t, i), lane_ptr<L>(s, i), lane_ptr<L>(g, i));
+    });
+  }
+}
+
 // The same, taken from (or left in) the StageArgs' cache slot.
 inline at::Tensor stage_derivs_cached(const StageArgs& a) {
   if (a.derivs && a.derivs->defined()) return *a.derivs;

@@ -111,28 +111,14 @@ StagePrims stage_prims(const StageArgs& a) {
 namespace {
 
 // The jet step of samples b0..b1 (all their neurons), derivatives from src.
-template <int Code, typename T>
-inline __attribute__((always_inline)) void step_rows_impl(
-    Mode mode, int64_t d, int64_t n, const StageInput<T>& in, const DerivSource<T>& src, T* op,
-    int64_t b0, int64_t b1) {
-  const int64_t C = 1 + d + n_pairs(mode, d);
-  for (int64_t b = b0; b < b1; ++b) {
-    const T* t = in.t_of(b);
-    const T* s = in.s_of(b);
-    T* o = op + b * C * n;
-    for_each_lane<T>(n, [&](auto lane, int64_t i) {
-      using L = decltype(lane);
-      const Derivs<L> f = src.template at<Code, L>(b * n + i);
-      jet_step_neuron<L>(mode, d, f, lane_ptr<L>(t, i), lane_ptr<L>(s, i), n, lane_ptr<L>(o, i));
-    });
-  }
-}
-
 template <typename T>
 HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, const StageInput<T>& in,
                               const DerivSource<T>& src, int code, T* op, int64_t b0, int64_t b1) {
   with_smooth_code(code, [&](auto c) {
-    step_rows_impl<decltype(c)::value, T>(mode, d, n, in, src, op, b0, b1);
+    for_stage_lanes<decltype(c)::value, T>(
+        mode, d, n, in, src, op, b0, b1, [&](const auto& f, auto t, auto s, auto out) {
+          jet_step_neuron(mode, d, f, t, s, n, out);
+        });
   });
 }
 
