@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <utility>
 
 namespace hessmlp {
 namespace {
@@ -151,26 +152,47 @@ ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::
 }
 
 // Reverse-Gram for large d with batched GEMMs over the upper triangle of blocks of
-// the Hessian (symmetric: about 5/8 of the full product with 4 blocks a side):
-// hess[b, k, I, J] += (T_I^T diag(w[b, k]) T_J) for blocks I <= J.
-// t: [d, n] shared by all samples (layer 0) or [B, d, n]; w [B, m, n].
+// the Hessian (symmetric: about 5/8 of the full product with 4 blocks a side). Each
+// block sums its layers inside the GEMMs (beta = 1) and is written to hess once:
+// hess[b, k, I, J] = sum_l T_l,I^T diag(w_l[b, k]) T_l,J for blocks I <= J.
+// terms: per layer, T ([d, n] shared by all samples at layer 0, else [B, d, n]) and
+// w [B, m, n].
 constexpr int64_t kGramBlocks = 4;
 
-void gram_blocks(const at::Tensor& t, const at::Tensor& w, at::Tensor& hess) {
-  const int64_t d = hess.size(-1), bs = (d + kGramBlocks - 1) / kGramBlocks;
-  const int64_t B = w.size(0), m = w.size(1), n = w.size(2);
-  const bool shared = t.dim() == 2;
-  const at::Tensor tb = shared ? t.unsqueeze(0).unsqueeze(0) : t.unsqueeze(1);  // [B|1, 1, d, n]
+void gram_blocks(const std::vector<std::pair<at::Tensor, at::Tensor>>& terms, at::Tensor& hess) {
+  const int64_t B = hess.size(0), m = hess.size(1), d = hess.size(-1);
+  const int64_t bs = (d + kGramBlocks - 1) / kGramBlocks;
   for (int64_t i0 = 0; i0 < d; i0 += bs) {
     const int64_t ni = std::min(bs, d - i0), nj = d - i0;
-    // Rows I of T scaled by w: [B, m, |I|, n], then one GEMM (shared T) or one GEMM per
-    // sample against the rows J >= I of T, with no copy of T per output.
-    const at::Tensor a = (tb.narrow(2, i0, ni) * w.unsqueeze(2)).contiguous();
-    const at::Tensor prod =
-        shared ? at::mm(a.view({B * m * ni, n}), t.narrow(0, i0, nj).t()).view({B, m, ni, nj})
-               : at::bmm(a.view({B, m * ni, n}), t.narrow(1, i0, nj).transpose(1, 2))
-                     .view({B, m, ni, nj});
-    hess.narrow(2, i0, ni).narrow(3, i0, nj).add_(prod);
+    at::Tensor acc = at::empty({B, m, ni, nj}, hess.options());
+    bool first = true;
+    for (const auto& [t, w] : terms) {
+      const int64_t n = w.size(2);
+      const bool shared = t.dim() == 2;
+      const at::Tensor tb = shared ? t.unsqueeze(0).unsqueeze(0) : t.unsqueeze(1);  // [B|1, 1, d, n]
+      // Rows I of T scaled by w: [B, m, |I|, n], then one GEMM (shared T) or one GEMM per
+      // sample against the rows J >= I of T, with no copy of T per output.
+      const at::Tensor a = (tb.narrow(2, i0, ni) * w.unsqueeze(2)).contiguous();
+      if (shared) {
+        at::Tensor acc2 = acc.view({B * m * ni, nj});
+        const at::Tensor rhs = t.narrow(0, i0, nj).t();
+        if (first) {
+          at::mm_out(acc2, a.view({B * m * ni, n}), rhs);
+        } else {
+          acc2.addmm_(a.view({B * m * ni, n}), rhs);
+        }
+      } else {
+        at::Tensor acc3 = acc.view({B, m * ni, nj});
+        const at::Tensor rhs = t.narrow(1, i0, nj).transpose(1, 2);
+        if (first) {
+          at::bmm_out(acc3, a.view({B, m * ni, n}), rhs);
+        } else {
+          acc3.baddbmm_(a.view({B, m * ni, n}), rhs);
+        }
+      }
+      first = false;
+    }
+    hess.narrow(2, i0, ni).narrow(3, i0, nj).copy_(acc);
   }
 }
 
@@ -197,7 +219,7 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
 
   const bool fused = d <= kGramKernelMaxD;
   at::Tensor packed = fused ? at::zeros({B, m, d * (d + 1) / 2}, x.options()) : at::Tensor();
-  if (!fused) hess.zero_();
+  std::vector<std::pair<at::Tensor, at::Tensor>> terms;  // the GEMM path's (T_l, w_l)
   // g = dy_k/da_l for every output k: the identity at the top.
   at::Tensor g = at::eye(m, x.options()).unsqueeze(0).expand({B, m, m}).contiguous();
   for (int64_t l = spec.n_layers() - 1; l >= 0; --l) {
@@ -207,7 +229,7 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
     if (fused) {
       if (B > 0) k.gram(w, tl, packed);
     } else {
-      gram_blocks(l == 0 ? net.w0t : tl, w, hess);
+      terms.emplace_back(l == 0 ? net.w0t : tl, w);
     }
     if (l > 0) {
       const at::Tensor gz = g * fp.s1[l].unsqueeze(1);  // dy_k/dz_l
@@ -215,7 +237,10 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
     }
   }
   if (fused && B > 0) k.unpack_packed(d, packed.view({B * m, d * (d + 1) / 2}), hess);
-  if (!fused) mirror_blocks(hess);
+  if (!fused && B > 0) {
+    gram_blocks(terms, hess);
+    mirror_blocks(hess);
+  }
 }
 
 // The backward sweep (DESIGN.md §4) for samples b0 .. b0 + nb: adds their weight

@@ -121,3 +121,14 @@ def test_blocked_batches_match_small_calls(mode, dtype):
     assert_rel_close(whole.jacobian[:300], jac, dtype, "jacobian vs torch.func")
     if mode == "full":
         assert_rel_close(whole.hessian[:300], hess, dtype, "hessian vs torch.func")
+
+
+@pytest.mark.parametrize("d", [7, 13, 40])
+def test_reverse_gram_block_triangle(d):
+    """Large d: reverse-Gram's batched GEMMs over one triangle of blocks, mirrored."""
+    model = random_mlp(d, [24, 17], 3, ACT["gelu"], seed=d, final_act=True)
+    x = torch.randn(5, d, dtype=torch.float64)
+    ref = func_reference(model, x)[2]
+    got = hessmlp.hessian(model, x, method="reverse")
+    assert_rel_close(got, ref, torch.float64, f"reverse d={d}")
+    assert torch.equal(got, got.transpose(-1, -2))
