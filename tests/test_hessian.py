@@ -131,4 +131,5 @@ def test_reverse_gram_block_triangle(d):
     ref = func_reference(model, x)[2]
     got = hessmlp.hessian(model, x, method="reverse")
     assert_rel_close(got, ref, torch.float64, f"reverse d={d}")
-    assert torch.equal(got, got.transpose(-1, -2))
+    # Off-diagonal blocks are mirrored exactly, diagonal blocks are symmetric up to rounding.
+    assert_rel_close(got, got.transpose(-1, -2).contiguous(), torch.float64, "symmetry")
