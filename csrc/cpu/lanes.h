@@ -9,7 +9,7 @@
 
 // The row loops are compiled for AVX-512 and AVX2 as well as the baseline, and
 // the best one for the running CPU is picked when the library loads.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define HM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define HM_SIMD_CLONES
