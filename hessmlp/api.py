@@ -219,7 +219,8 @@ def _check_size(B, d, widths, mode, method, x, output, save) -> None:
     if free is None or need <= free:
         return
     m = widths[-1]
-    hint = "pass a smaller batch (split x and concatenate the results)"
+    hint = ("pass a smaller batch, or set hessmlp.set_memory_budget(nbytes) to have hessmlp "
+            "compute it in chunks")
     if output is None and m > 1:
         hint = f"select one output with output=k (the model has {m}), or " + hint
     if mode == "full":
