@@ -80,7 +80,7 @@ HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In s,
   // Second-order entry p of the pair (a, b): V = s2 T_a T_b + s1 S.
   auto pair = [&](int64_t a, int64_t b, int64_t p) {
     const T ta = t[a * stride];
-    const T tb = a == b ? ta : T(t[b * stride]);
+    const T tb = t[b * stride];
     T v = f.s2 * ta * tb;
     if (s) {
       const T sp = s[p * stride];
@@ -140,7 +140,7 @@ HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In
   // T_bar_a += s2 V_bar T_b, T_bar_b += s2 V_bar T_a (both for a = b), S_bar = s1 V_bar.
   auto pair = [&](int64_t a, int64_t b, int64_t p) {
     const T ta = t[a * stride];
-    const T tb = a == b ? ta : T(t[b * stride]);
+    const T tb = t[b * stride];
     const T v = g[v0 + p * stride];
     const T w = f.s2 * v;  // the adjoint of Phi
     T c = f.s3 * ta * tb;
@@ -150,13 +150,9 @@ HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In
     }
     zb = zb + v * c;
     const T uba = g[u0 + a * stride];
-    if (a == b) {
-      g[u0 + a * stride] = uba + T(2) * w * ta;
-    } else {
-      g[u0 + a * stride] = uba + w * tb;
-      const T ubb = g[u0 + b * stride];
-      g[u0 + b * stride] = ubb + w * ta;
-    }
+    g[u0 + a * stride] = uba + w * tb;
+    const T ubb = g[u0 + b * stride];
+    g[u0 + b * stride] = ubb + w * ta;
     g[v0 + p * stride] = f.s1 * v;
   };
   switch (mode) {
