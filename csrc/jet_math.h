@@ -77,26 +77,34 @@ HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In s,
     out[(1 + j) * stride] = f.s1 * tj;
   }
   const int64_t v0 = (1 + d) * stride;
-  // Second-order entry p of the pair (a, b): V = s2 T_a T_b + s1 S.
-  auto pair = [&](int64_t a, int64_t b, int64_t p) {
-    const T ta = t[a * stride];
-    const T tb = t[b * stride];
-    T v = f.s2 * ta * tb;
-    if (s) {
-      const T sp = s[p * stride];
-      v = v + f.s1 * sp;
-    }
-    out[v0 + p * stride] = v;
-  };
   switch (mode) {
     case Mode::Full: {
       int64_t p = 0;
-      for (int64_t a = 0; a < d; ++a)
-        for (int64_t b = a; b < d; ++b, ++p) pair(a, b, p);
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        const T sta = f.s2 * ta;
+        for (int64_t b = a; b < d; ++b, ++p) {
+          const T tb = t[b * stride];
+          T v = sta * tb;
+          if (s) {
+            const T sp = s[p * stride];
+            v = v + f.s1 * sp;
+          }
+          out[v0 + p * stride] = v;
+        }
+      }
       break;
     }
     case Mode::Diag:
-      for (int64_t a = 0; a < d; ++a) pair(a, a, a);
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        T v = f.s2 * ta * ta;
+        if (s) {
+          const T sa = s[a * stride];
+          v = v + f.s1 * sa;
+        }
+        out[v0 + a * stride] = v;
+      }
       break;
     case Mode::Trace: {
       T acc = T(0);
@@ -136,34 +144,44 @@ HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In
   }
   const T g0 = g[0];
   T zb = f.s1 * g0 + f.s2 * acc;
-  // The adjoint of the pair (a, b) of entry p: z_bar += V_bar (s3 T_a T_b + s2 S),
-  // T_bar_a += s2 V_bar T_b, T_bar_b += s2 V_bar T_a (both for a = b), S_bar = s1 V_bar.
-  auto pair = [&](int64_t a, int64_t b, int64_t p) {
-    const T ta = t[a * stride];
-    const T tb = t[b * stride];
-    const T v = g[v0 + p * stride];
-    const T w = f.s2 * v;  // the adjoint of Phi
-    T c = f.s3 * ta * tb;
-    if (s) {
-      const T sp = s[p * stride];
-      c = c + f.s2 * sp;
-    }
-    zb = zb + v * c;
-    const T uba = g[u0 + a * stride];
-    g[u0 + a * stride] = uba + w * tb;
-    const T ubb = g[u0 + b * stride];
-    g[u0 + b * stride] = ubb + w * ta;
-    g[v0 + p * stride] = f.s1 * v;
-  };
   switch (mode) {
     case Mode::Full: {
       int64_t p = 0;
-      for (int64_t a = 0; a < d; ++a)
-        for (int64_t b = a; b < d; ++b, ++p) pair(a, b, p);
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        for (int64_t b = a; b < d; ++b, ++p) {
+          const T tb = t[b * stride];
+          const T v = g[v0 + p * stride];
+          const T w = f.s2 * v;  // the adjoint of Phi
+          T c = f.s3 * ta * tb;
+          if (s) {
+            const T sp = s[p * stride];
+            c = c + f.s2 * sp;
+          }
+          zb = zb + v * c;
+          const T uba = g[u0 + a * stride];
+          g[u0 + a * stride] = uba + w * tb;
+          const T ubb = g[u0 + b * stride];
+          g[u0 + b * stride] = ubb + w * ta;
+          g[v0 + p * stride] = f.s1 * v;
+        }
+      }
       break;
     }
     case Mode::Diag:
-      for (int64_t a = 0; a < d; ++a) pair(a, a, a);
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        const T v = g[v0 + a * stride];
+        T c = f.s3 * ta * ta;
+        if (s) {
+          const T sa = s[a * stride];
+          c = c + f.s2 * sa;
+        }
+        zb = zb + v * c;
+        const T uba = g[u0 + a * stride];
+        g[u0 + a * stride] = uba + T(2) * f.s2 * v * ta;
+        g[v0 + a * stride] = f.s1 * v;
+      }
       break;
     case Mode::Trace: {
       T phi = T(0);
