@@ -6,6 +6,7 @@ DEBUG=1 builds with -O0 -g, LINE_INFO=1 adds -lineinfo to nvcc.
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -29,6 +30,12 @@ def use_cuda():
 def extension():
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
+    link = []
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        # at::parallel_for is inlined from ATen's headers: without OpenMP here it would run
+        # every loop on one thread. The GOMP symbols resolve to the libgomp torch loads.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     # The C++ standard and -DPy_LIMITED_API (py_limited_api=True) are the ones torch sets.
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
@@ -42,12 +49,14 @@ def extension():
             "hessmlp._C",
             sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DHESSMLP_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
             py_limited_api=True,
         )
     return CppExtension(
         "hessmlp._C",
         sources,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
         py_limited_api=True,
     )
 

@@ -5,9 +5,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
-#include <mutex>
 #include <utility>
 
 namespace hessmlp {
@@ -20,6 +20,17 @@ constexpr int64_t kGramKernelMaxD = 6;
 at::Tensor bias_of(const c10::List<std::optional<at::Tensor>>& biases, int64_t l) {
   const std::optional<at::Tensor> b = biases.get(l);
   return (b.has_value() && b->defined()) ? b->contiguous() : at::Tensor();
+}
+
+// body(c0, c1) over the blocks 0 .. blocks - 1, split among threads. The ATen ops the body
+// calls dispatch as on the calling thread (below autograd, as in this op's kernel).
+template <typename Body>
+void parallel_blocks(int64_t blocks, const Body& body) {
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    const at::ThreadLocalStateGuard guard(tls);
+    body(c0, c1);
+  });
 }
 
 enum class Keep { Nothing, Gram, State };
@@ -48,25 +59,19 @@ struct Net {
 };
 
 // The stage after Linear l applied to that layer's state (any batch: the rows of
-// `state`), written into out [rows, C, n]; s1, s2 [rows, n] when given.
+// `state`), written into out [rows, C, n]; its derivatives s1, s2 [rows, n] too where defined.
 void stage_forward_into(const Kernels& k, const Net& net, Mode mode, int64_t l,
-                        const at::Tensor& state, at::Tensor& out, at::Tensor* s1 = nullptr,
-                        at::Tensor* s2 = nullptr, at::Tensor* derivs = nullptr) {
-  const int64_t B = state.size(0), n = net.spec.widths[l];
+                        const at::Tensor& state, at::Tensor& out, at::Tensor s1 = {},
+                        at::Tensor s2 = {}, at::Tensor* derivs = nullptr) {
   const at::Tensor bias = bias_of(net.biases, l);
-  at::Tensor d1 = s1 ? at::empty({B, n}, state.options()) : at::Tensor();
-  at::Tensor d2 = s2 ? at::empty({B, n}, state.options()) : at::Tensor();
-  if (B > 0) k.stage_forward(net.stage(mode, l, state, bias, derivs), out, d1, d2);
-  if (s1) *s1 = d1;
-  if (s2) *s2 = d2;
+  if (state.size(0) > 0) k.stage_forward(net.stage(mode, l, state, bias, derivs), out, s1, s2);
 }
 
 at::Tensor stage_forward(const Kernels& k, const Net& net, Mode mode, int64_t l,
-                         const at::Tensor& state, at::Tensor* s1 = nullptr,
-                         at::Tensor* s2 = nullptr, at::Tensor* derivs = nullptr) {
+                         const at::Tensor& state, at::Tensor* derivs = nullptr) {
   const int64_t C = 1 + net.spec.d + n_pairs(mode, net.spec.d);
   at::Tensor out = at::empty({state.size(0), C, net.spec.widths[l]}, state.options());
-  stage_forward_into(k, net, mode, l, state, out, s1, s2, derivs);
+  stage_forward_into(k, net, mode, l, state, out, {}, {}, derivs);
   return out;
 }
 
@@ -89,7 +94,7 @@ ForwardPass forward_blocked(const Kernels& k, const Net& net, Mode mode, const a
   }
   const at::Tensor w0t_t = net.weights[0].t();
   const int64_t blocks = (B + rows - 1) / rows;
-  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
     // Work space reused by every block and layer of this task.
     at::Tensor buf[3] = {at::empty({rows * C * n_max}, x.options()),
                          at::empty({rows * C * n_max}, x.options()),
@@ -137,8 +142,9 @@ ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::
         l == 0 ? at::mm(x, net.weights[0].t())
                : at::mm(act.view({B * C, spec.widths[l - 1]}), net.weights[l].t()).view({B, C, n});
     if (keep == Keep::Gram) {
-      at::Tensor s1, s2;
-      act = stage_forward(k, net, mode, l, state, &s1, &s2);
+      const at::Tensor s1 = at::empty({B, n}, x.options()), s2 = at::empty({B, n}, x.options());
+      act = at::empty({B, C, n}, x.options());
+      stage_forward_into(k, net, mode, l, state, act, s1, s2);
       fp.jac.push_back(l == 0 ? net.w0t.unsqueeze(0).expand({B, d, n}) : state.narrow(1, 1, d));
       fp.s1.push_back(s1);
       fp.s2.push_back(s2);
@@ -207,40 +213,118 @@ void mirror_blocks(at::Tensor& hess) {
   }
 }
 
-// Reverse-Gram full Hessian (DESIGN.md §3):  H[k] = sum_l T_l^T diag(g_l^k * s2_l) T_l,
-// with g_l^k = dy_k/da_l from an ordinary backward pass of m columns.
+// Reverse-Gram (DESIGN.md §3), block by block (the CPU's way, as forward_blocked):
+// each block of samples goes forward through all layers keeping T, s1 and s2 of
+// each, then back with an ordinary backward pass of m columns, adding each layer's
+// Gram term to packed [B, m, Q]. value [B, m] and jac [B, m, d] come from the forward.
+void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x, int64_t rows,
+                          at::Tensor& value, at::Tensor& jac, at::Tensor& packed) {
+  const NetSpec& spec = net.spec;
+  const int64_t B = spec.batch, d = spec.d, m = spec.m(), L = spec.n_layers(), C = 1 + d;
+  const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
+  const at::TensorOptions opt = x.options();
+  const at::Tensor w0t_t = net.weights[0].t();
+  const int64_t blocks = (B + rows - 1) / rows;
+  parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
+    // Work space reused by every block of this task: each layer's state and derivatives,
+    // two buffers of columns and two of backward rows.
+    std::vector<at::Tensor> st, s1, s2;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t n = spec.widths[l];
+      st.push_back(l == 0 ? at::empty({rows, n}, opt) : at::empty({rows, C, n}, opt));
+      s1.push_back(at::empty({rows, n}, opt));
+      s2.push_back(at::empty({rows, n}, opt));
+    }
+    at::Tensor cols[2] = {at::empty({rows * C * n_max}, opt), at::empty({rows * C * n_max}, opt)};
+    at::Tensor back[2] = {at::empty({rows * m * std::max(m, n_max)}, opt),
+                          at::empty({rows * m * std::max(m, n_max)}, opt)};
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * rows, nb = std::min(rows, B - b0);
+      at::Tensor act;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t n = spec.widths[l];
+        at::Tensor z = st[l].narrow(0, 0, nb);
+        if (l == 0) {
+          at::mm_out(z, x.narrow(0, b0, nb), w0t_t);
+        } else {
+          at::Tensor z2 = z.view({nb * C, n});
+          at::mm_out(z2, act.view({nb * C, spec.widths[l - 1]}), net.weights[l].t());
+        }
+        at::Tensor out = cols[l % 2].narrow(0, 0, nb * C * n).view({nb, C, n});
+        stage_forward_into(k, net, Mode::None, l, z, out, s1[l].narrow(0, 0, nb),
+                           s2[l].narrow(0, 0, nb));
+        act = out;
+      }
+      at::Tensor v = value.narrow(0, b0, nb), j = jac.narrow(0, b0, nb);
+      at::Tensor no_hess;
+      k.unpack(Mode::None, d, act, v, j, no_hess);
+      at::Tensor p = packed.narrow(0, b0, nb);
+      p.zero_();
+      // g = dy_k/da_l for every output k: the identity at the top.
+      at::Tensor g = back[0].narrow(0, 0, nb * m * m).view({nb, m, m});
+      g.zero_();
+      g.diagonal(0, 1, 2).fill_(1);
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const at::Tensor t = l == 0 ? net.w0t : st[l].narrow(0, 0, nb).narrow(1, 1, d);
+        k.gram(spec.mode, g, s1[l].narrow(0, 0, nb), s2[l].narrow(0, 0, nb), t, p);
+        if (l > 0) {
+          const int64_t n_prev = spec.widths[l - 1];
+          at::Tensor next = back[(L - l) % 2].narrow(0, 0, nb * m * n_prev).view({nb * m, n_prev});
+          at::mm_out(next, g.view({nb * m, spec.widths[l]}), net.weights[l]);
+          g = next.view({nb, m, n_prev});
+        }
+      }
+    }
+  });
+}
+
+// Reverse-Gram (DESIGN.md §3):  H[k] = sum_l T_l^T diag(g_l^k * s2_l) T_l, with
+// g_l^k = dy_k/da_l from an ordinary backward pass of m columns; in mode diag or
+// trace only the diagonal or its sum of each term.
 void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Tensor& value,
                   at::Tensor& jac, at::Tensor& hess) {
   const NetSpec& spec = net.spec;
-  const int64_t B = spec.batch, d = spec.d, m = spec.m();
-  const ForwardPass fp = forward_pass(k, net, Mode::None, x, Keep::Gram);
-  value.copy_(fp.out.select(1, 0));
-  jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
-
-  const bool fused = d <= kGramKernelMaxD;
-  at::Tensor packed = fused ? at::zeros({B, m, d * (d + 1) / 2}, x.options()) : at::Tensor();
-  std::vector<std::pair<at::Tensor, at::Tensor>> terms;  // the GEMM path's (T_l, w_l)
-  // g = dy_k/da_l for every output k: the identity at the top.
-  at::Tensor g = at::eye(m, x.options()).unsqueeze(0).expand({B, m, m}).contiguous();
-  for (int64_t l = spec.n_layers() - 1; l >= 0; --l) {
-    const int64_t n = spec.widths[l];
-    const at::Tensor w = (g * fp.s2[l].unsqueeze(1)).contiguous();  // [B, m, n]
-    const at::Tensor& tl = fp.jac[l];                                // [B, d, n]
-    if (fused) {
-      if (B > 0) k.gram(w, tl, packed);
-    } else {
-      terms.emplace_back(l == 0 ? net.w0t : tl, w);
+  const int64_t B = spec.batch, d = spec.d, m = spec.m(), Q = spec.pairs();
+  const Mode mode = spec.mode;
+  // Large d, full Hessian: batched GEMMs over the whole batch; otherwise the Gram kernel.
+  const bool gemm = mode == Mode::Full && d > kGramKernelMaxD;
+  // The entries the Gram kernel sums into: the packed triangle (full), or hess itself.
+  at::Tensor packed = gemm ? at::Tensor()
+                           : mode == Mode::Full ? at::empty({B, m, Q}, x.options())
+                                                : hess.view({B, m, Q});
+  // Blocks sized as the forward jet's (one sample's columns at the widest layer); each
+  // block also keeps every layer's T, s1 and s2 for its way back.
+  const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
+  const int64_t rows =
+      (!gemm && k.rows_per_block) ? k.rows_per_block((1 + d) * n_max * x.element_size()) : B;
+  if (B == 0) return;
+  if (rows < B) {
+    reverse_gram_blocked(k, net, x, rows, value, jac, packed);
+  } else {
+    const ForwardPass fp = forward_pass(k, net, Mode::None, x, Keep::Gram);
+    value.copy_(fp.out.select(1, 0));
+    jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
+    if (!gemm) packed.zero_();
+    std::vector<std::pair<at::Tensor, at::Tensor>> terms;  // the GEMM path's (T_l, w_l)
+    // g = dy_k/da_l for every output k: the identity at the top.
+    at::Tensor g = at::eye(m, x.options()).unsqueeze(0).expand({B, m, m}).contiguous();
+    for (int64_t l = spec.n_layers() - 1; l >= 0; --l) {
+      const int64_t n = spec.widths[l];
+      const at::Tensor& tl = fp.jac[l];  // [B, d, n]
+      if (gemm) {
+        terms.emplace_back(l == 0 ? net.w0t : tl, (g * fp.s2[l].unsqueeze(1)).contiguous());
+        g.mul_(fp.s1[l].unsqueeze(1));
+      } else {
+        k.gram(mode, g, fp.s1[l], fp.s2[l], l == 0 ? net.w0t : tl, packed);
+      }
+      if (l > 0) g = at::mm(g.view({B * m, n}), net.weights[l]).view({B, m, spec.widths[l - 1]});
     }
-    if (l > 0) {
-      const at::Tensor gz = g * fp.s1[l].unsqueeze(1);  // dy_k/dz_l
-      g = at::mm(gz.view({B * m, n}), net.weights[l]).view({B, m, spec.widths[l - 1]});
+    if (gemm) {
+      gram_blocks(terms, hess);
+      mirror_blocks(hess);
     }
   }
-  if (fused && B > 0) k.unpack_packed(d, packed.view({B * m, d * (d + 1) / 2}), hess);
-  if (!fused && B > 0) {
-    gram_blocks(terms, hess);
-    mirror_blocks(hess);
-  }
+  if (mode == Mode::Full && !gemm) k.unpack_packed(d, packed.view({B * m, Q}), hess);
 }
 
 // The backward sweep (DESIGN.md §4) for samples b0 .. b0 + nb: adds their weight
@@ -272,7 +356,7 @@ void backward_sweep(const Kernels& k, const Net& net, const at::Tensor& x,
       if (need_w) {
         // This Linear's input: the previous stage applied to the previous state.
         const at::Tensor act =
-            stage_forward(k, net, spec.mode, l - 1, rows(state[l - 1]), nullptr, nullptr, &derivs);
+            stage_forward(k, net, spec.mode, l - 1, rows(state[l - 1]), &derivs);
         gw[l].addmm_(g2.t(), act.view({nb * C, n_prev}));
       }
       g = at::mm(g2, net.weights[l]).view({nb, C, n_prev});
@@ -366,11 +450,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
     backward_sweep(k, net, x, state, gv, gj, gh, 0, B, need_x, need_w, grad_x, grad_w, grad_b);
     return {grad_x, grad_w, grad_b};
   }
-  // Blocks of samples in parallel; each task sums its weight and bias gradients apart.
-  std::mutex merge;
+  // Blocks of samples in parallel; each task sums its weight and bias gradients apart,
+  // and the tasks' sums are added in the order of their blocks (the same bits every run).
   const int64_t blocks = (B + rows - 1) / rows;
-  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<at::Tensor> gw, gb;
+  std::vector<std::vector<at::Tensor>> task_gw(blocks), task_gb(blocks);
+  parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
+    std::vector<at::Tensor>& gw = task_gw[c0];
+    std::vector<at::Tensor>& gb = task_gb[c0];
     for (int64_t l = 0; l < L; ++l) {
       gw.push_back(grad_w[l].numel() ? at::zeros_like(grad_w[l]) : grad_w[l]);
       gb.push_back(grad_b[l].numel() ? at::zeros_like(grad_b[l]) : grad_b[l]);
@@ -380,12 +466,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
       backward_sweep(k, net, x, state, gv, gj, gh, b0, std::min(rows, B - b0), need_x, need_w,
                      grad_x, gw, gb);
     }
-    const std::lock_guard<std::mutex> lock(merge);
-    for (int64_t l = 0; l < L; ++l) {
-      if (grad_w[l].numel()) grad_w[l].add_(gw[l]);
-      if (grad_b[l].numel()) grad_b[l].add_(gb[l]);
-    }
   });
+  for (int64_t c = 0; c < blocks; ++c) {
+    for (size_t l = 0; l < task_gw[c].size(); ++l) {
+      if (grad_w[l].numel()) grad_w[l].add_(task_gw[c][l]);
+      if (grad_b[l].numel()) grad_b[l].add_(task_gb[c][l]);
+    }
+  }
   return {grad_x, grad_w, grad_b};
 }
 

@@ -60,9 +60,13 @@ struct Kernels {
   // The adjoint of unpack into g [B, C, m]; undefined gradients are zero.
   void (*pack_adjoint)(Mode mode, int64_t d, const at::Tensor& value, const at::Tensor& jac,
                        const at::Tensor& hess, at::Tensor& g);
-  // packed [B, m, P] += sum_i w[b, k, i] T[b, a, i] T[b, c, i] over pairs a <= c;
-  // T [B, d, n] with any strides (batch stride 0 at layer 0).
-  void (*gram)(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed);
+  // Reverse-Gram at one stage, for the mode's Q = n_pairs(mode, d) entries (see gram_term):
+  // packed [B, m, Q] += sum_i g[b, k, i] s2[b, i] T[b, a, i] T[b, c, i], then g *= s1 in
+  // place (dy/da becomes dy/dz). g [B, m, n], s1 and s2 [B, n] contiguous; T [B, d, n] or
+  // [d, n] (shared by every sample: layer 0) with neurons contiguous; packed's rows
+  // contiguous.
+  void (*gram)(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,
+               const at::Tensor& t, at::Tensor& packed);
   // packed [R, P] -> full symmetric [R, d, d].
   void (*unpack_packed)(int64_t d, const at::Tensor& packed, at::Tensor& hess);
   // Samples per block when the forward jet should go block by block through all the
@@ -112,7 +116,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
   void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2);     \
   void unpack(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at::Tensor& jac, \
               at::Tensor& hess);                                                               \
-  void gram(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed);                     \
+  void gram(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,               \
+            const at::Tensor& t, at::Tensor& packed);                                          \
   void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess);                   \
   void stage_adjoint(const StageArgs& a, at::Tensor& g);                                       \
   void pack_adjoint(Mode mode, int64_t d, const at::Tensor& value, const at::Tensor& jac,      \

@@ -277,4 +277,18 @@ HM_HD void pair_of(int64_t d, int64_t p, int64_t* a, int64_t* b) {
   *b = row + p;
 }
 
+// Reverse-Gram (DESIGN.md §3) in a Hessian mode: output entry q of an output k sums
+// w_i T[a, i] T[c, i] over the neurons i and over the row pairs (a, c) of the terms
+// j < gram_terms(mode, d) given by gram_term: full, the pair q of the upper triangle;
+// diag, (q, q); trace (q = 0), (j, j) for every row j.
+HM_HD int64_t gram_terms(Mode mode, int64_t d) { return mode == Mode::Trace ? d : 1; }
+
+HM_HD void gram_term(Mode mode, int64_t d, int64_t q, int64_t j, int64_t* a, int64_t* c) {
+  if (mode == Mode::Full) {
+    pair_of(d, q, a, c);
+  } else {
+    *a = *c = mode == Mode::Trace ? j : q;
+  }
+}
+
 }  // namespace hessmlp

@@ -114,8 +114,9 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
 
     if method not in ("auto", "forward", "reverse"):
         raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
-    if method == "reverse" and mode != "full":
-        raise ValueError(f"hessmlp: method='reverse' computes the full Hessian only, not {hessian!r}")
+    if method == "reverse" and mode == "none":
+        raise ValueError("hessmlp: method='reverse' computes a Hessian; it needs hessian='full', "
+                         "'diag' or 'trace', not None")
     itemsize = xb.element_size()
     # Training through the result: the backward is the adjoint of the forward jets, which
     # saves each layer's state; reverse-Gram would leave the backward to recompute it.

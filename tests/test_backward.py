@@ -51,7 +51,8 @@ def test_gradcheck(act, mode, device):
 
 def test_gradcheck_reverse_method_and_unbatched():
     model = random_mlp(3, [5], 2, nn.Tanh, seed=1)
-    _gradcheck(model, torch.randn(2, 3, dtype=f64), "full", method="reverse")
+    for mode in ("full", "diag", "trace"):
+        _gradcheck(model, torch.randn(2, 3, dtype=f64), mode, method="reverse")
     _gradcheck(model, torch.randn(3, dtype=f64), "full", output=0)
 
 
@@ -123,7 +124,8 @@ def test_gradients_of_traced_models(make, d):
 def test_reverse_method_gradients_match_forward(device):
     model = random_mlp(4, [9, 7], 3, nn.SiLU, seed=2, device=device)
     x = torch.randn(6, 4, dtype=f64, device=device)
-    _compare_grads(model, x, "full", method="reverse", what="reverse")
+    for mode in ("full", "diag", "trace"):
+        _compare_grads(model, x, mode, method="reverse", what=f"reverse {mode}")
 
 
 def _op_args(mode, B=5, d=3, dtype=f64, requires_grad=True):

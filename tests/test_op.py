@@ -21,8 +21,8 @@ def _args(mode, method, dtype=f64, B=4, d=3, bias=True, requires_grad=False, sav
     return (x, w, b, net.stage_sizes, net.act_codes, net.act_params, mode, method, save)
 
 
-CASES = [("full", "forward"), ("full", "reverse"), ("diag", "forward"), ("trace", "forward"),
-         ("none", "forward")]
+CASES = [("full", "forward"), ("full", "reverse"), ("diag", "forward"), ("diag", "reverse"),
+         ("trace", "forward"), ("trace", "reverse"), ("none", "forward")]
 
 
 def _fake(fm, args):

@@ -43,7 +43,7 @@ StagePrims stage_prims(const StageArgs& a);
 
 // Calls body(std::integral_constant<int, code>) for the code of a fused stage.
 template <typename Body>
-inline void with_smooth_code(int code, Body&& body) {
+inline HM_INLINE void with_smooth_code(int code, Body&& body) {
   switch (code) {
     case ACT_AFFINE: return body(std::integral_constant<int, ACT_AFFINE>());
     case ACT_TANH: return body(std::integral_constant<int, ACT_TANH>());
@@ -93,10 +93,10 @@ DerivSource<T> derivs_source(const at::Tensor& D, const StagePrims& p, int64_t N
   return src;
 }
 
-// Calls fn(f, t, s, g) for every lane of samples b0..b1 of a stage: f its derivatives
+// Calls fn(f, t, s, g, r) for every lane of samples b0..b1 of a stage: f its derivatives
 // (from src, Code as in with_smooth_code), t / s its first- and second-order input
-// rows, g its rows of the [B, C, n] columns at `cols`. The jet pass and its adjoint
-// differ only in fn.
+// rows, g its rows of the [B, C, n] columns at `cols`, r its first entry in a [B, n]
+// array. The jet pass and its adjoint differ only in fn.
 template <int Code, typename T, typename Fn>
 inline __attribute__((always_inline)) void for_stage_lanes(
     Mode mode, int64_t d, int64_t n, const StageInput<T>& in, const DerivSource<T>& src,
@@ -106,9 +106,10 @@ inline __attribute__((always_inline)) void for_stage_lanes(
     const T* t = in.t_of(b);
     const T* s = in.s_of(b);
     T* g = cols + b * C * n;
-    for_each_lane<T>(n, [&](auto lane, int64_t i) {
+    for_each_lane<T>(n, [&](auto lane, int64_t i) HM_INLINE {
       using L = decltype(lane);
-      fn(src.template at<Code, L>(b * n + i), lane_ptr<L>(t, i), lane_ptr<L>(s, i), lane_ptr<L>(g, i));
+      fn(src.template at<Code, L>(b * n + i), lane_ptr<L>(t, i), lane_ptr<L>(s, i), lane_ptr<L>(g, i),
+         b * n + i);
     });
   }
 }
@@ -128,7 +129,7 @@ constexpr int kLanes = static_cast<int>(64 / sizeof(T));
 // Calls body(lane, i) for the neurons of a row of n: packs of kLanes<T> first
 // (lane = Pack), then one at a time (lane = scalar).
 template <typename T, typename Body>
-inline void for_each_lane(int64_t n, Body&& body) {
+inline HM_INLINE void for_each_lane(int64_t n, Body&& body) {
   int64_t i = 0;
   for (; i + kLanes<T> <= n; i += kLanes<T>) body(Pack<T, kLanes<T>>(), i);
   for (; i < n; ++i) body(T(), i);

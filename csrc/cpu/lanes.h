@@ -15,6 +15,14 @@
 #define HM_SIMD_CLONES
 #endif
 
+// Everything a row loop calls must be inlined into it to be compiled for the clone's
+// target: the lambdas and helpers of the loops carry this.
+#if defined(__GNUC__)
+#define HM_INLINE __attribute__((always_inline))
+#else
+#define HM_INLINE
+#endif
+
 namespace hessmlp {
 namespace cpu {
 
@@ -24,28 +32,28 @@ struct Pack {
 
   Pack() = default;
   template <typename U, typename = std::enable_if_t<std::is_arithmetic<U>::value>>
-  Pack(U x) {  // NOLINT: a broadcast constant, as T(2) is for a scalar lane
+  HM_INLINE Pack(U x) {  // NOLINT: a broadcast constant, as T(2) is for a scalar lane
     for (int k = 0; k < W; ++k) v[k] = static_cast<T>(x);
   }
-  static Pack load(const T* p) {
+  HM_INLINE static Pack load(const T* p) {
     Pack r;
     for (int k = 0; k < W; ++k) r.v[k] = p[k];
     return r;
   }
-  void store(T* p) const {
+  HM_INLINE void store(T* p) const {
     for (int k = 0; k < W; ++k) p[k] = v[k];
   }
-  friend Pack operator+(const Pack& a, const Pack& b) {
+  HM_INLINE friend Pack operator+(const Pack& a, const Pack& b) {
     Pack r;
     for (int k = 0; k < W; ++k) r.v[k] = a.v[k] + b.v[k];
     return r;
   }
-  friend Pack operator-(const Pack& a, const Pack& b) {
+  HM_INLINE friend Pack operator-(const Pack& a, const Pack& b) {
     Pack r;
     for (int k = 0; k < W; ++k) r.v[k] = a.v[k] - b.v[k];
     return r;
   }
-  friend Pack operator*(const Pack& a, const Pack& b) {
+  HM_INLINE friend Pack operator*(const Pack& a, const Pack& b) {
     Pack r;
     for (int k = 0; k < W; ++k) r.v[k] = a.v[k] * b.v[k];
     return r;
@@ -57,10 +65,10 @@ struct Pack {
 template <typename T, int W>
 struct PackRef {
   T* p;
-  operator Pack<std::remove_const_t<T>, W>() const {  // NOLINT
+  HM_INLINE operator Pack<std::remove_const_t<T>, W>() const {  // NOLINT
     return Pack<std::remove_const_t<T>, W>::load(p);
   }
-  PackRef& operator=(const Pack<std::remove_const_t<T>, W>& x) {
+  HM_INLINE PackRef& operator=(const Pack<std::remove_const_t<T>, W>& x) {
     x.store(p);
     return *this;
   }
@@ -69,13 +77,13 @@ struct PackRef {
 template <typename T, int W>
 struct PackPtr {
   T* p;
-  PackRef<T, W> operator[](int64_t k) const { return {p + k}; }
+  HM_INLINE PackRef<T, W> operator[](int64_t k) const { return {p + k}; }
   explicit operator bool() const { return p != nullptr; }
 };
 
 // Lane L's view of the neurons from i on: a pointer for a scalar lane, a PackPtr for a pack.
 template <typename L, typename T>
-inline auto lane_ptr(T* p, int64_t i) {
+inline HM_INLINE auto lane_ptr(T* p, int64_t i) {
   if constexpr (std::is_arithmetic<L>::value) {
     return p ? p + i : nullptr;
   } else {
@@ -84,7 +92,7 @@ inline auto lane_ptr(T* p, int64_t i) {
 }
 
 template <typename L, typename T>
-inline L lane_load(const T* p, int64_t i) {
+inline HM_INLINE L lane_load(const T* p, int64_t i) {
   if constexpr (std::is_arithmetic<L>::value) {
     return p[i];
   } else {

@@ -110,13 +110,18 @@ StagePrims stage_prims(const StageArgs& a) {
 
 namespace {
 
-// The jet step of samples b0..b1 (all their neurons), derivatives from src.
+// The jet step of samples b0..b1 (all their neurons), derivatives from src; the
+// stage's first and second derivatives also into s1, s2 [B, n] where not null.
 template <typename T>
 HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, const StageInput<T>& in,
-                              const DerivSource<T>& src, int code, T* op, int64_t b0, int64_t b1) {
-  with_smooth_code(code, [&](auto c) {
+                              const DerivSource<T>& src, int code, T* op, T* s1, T* s2,
+                              int64_t b0, int64_t b1) {
+  with_smooth_code(code, [&](auto c) HM_INLINE {
     for_stage_lanes<decltype(c)::value, T>(
-        mode, d, n, in, src, op, b0, b1, [&](const auto& f, auto t, auto s, auto out) {
+        mode, d, n, in, src, op, b0, b1, [&](const auto& f, auto t, auto s, auto out, int64_t r) HM_INLINE {
+          using L = std::decay_t<decltype(f.s)>;
+          if (s1) lane_ptr<L>(s1, r)[0] = f.s1;
+          if (s2) lane_ptr<L>(s2, r)[0] = f.s2;
           jet_step_neuron(mode, d, f, t, s, n, out);
         });
   });
@@ -127,18 +132,20 @@ HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, const StageInput<
 void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2) {
   const int64_t n = a.n, d = a.d;
   const int64_t C = 1 + d + n_pairs(a.mode, d);
-  const bool fused = fused_stage(a.stage) && !s1.defined() && !s2.defined();
+  const bool fused = fused_stage(a.stage);
   const at::Tensor D = fused ? at::Tensor() : stage_derivs_cached(a);
   const StagePrims pr = fused ? stage_prims(a) : StagePrims{};
-  if (s1.defined()) s1.copy_(D[1]);
-  if (s2.defined()) s2.copy_(D[2]);
+  if (!fused && s1.defined()) s1.copy_(D[1]);
+  if (!fused && s2.defined()) s2.copy_(D[2]);
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
     const DerivSource<scalar_t> src = derivs_source<scalar_t>(D, pr, a.batch * n);
     scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* s1p = fused && s1.defined() ? s1.data_ptr<scalar_t>() : nullptr;
+    scalar_t* s2p = fused && s2.defined() ? s2.data_ptr<scalar_t>() : nullptr;
     const int code = fused ? pr.code : ACT_IDENTITY;  // with D, the code is not used
     at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
-      step_rows<scalar_t>(a.mode, d, n, in, src, code, op, b0, b1);
+      step_rows<scalar_t>(a.mode, d, n, in, src, code, op, s1p, s2p, b0, b1);
     });
   });
 }
@@ -163,35 +170,81 @@ void unpack(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at:
   });
 }
 
-// packed[b, k, p] += sum_i w[b, k, i] T[b, p1, i] T[b, p2, i] over the pairs p1 <= p2.
-void gram(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed) {
-  const int64_t B = w.size(0), m = w.size(1), n = w.size(2), d = t.size(1);
-  const int64_t P = d * (d + 1) / 2;
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mlp_jet_gram_cpu", [&] {
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* tp = t.data_ptr<scalar_t>();
-    scalar_t* hp = packed.data_ptr<scalar_t>();
-    const int64_t tb_stride = t.stride(0), tr_stride = t.stride(1), ti_stride = t.stride(2);
-    at::parallel_for(0, B, std::max<int64_t>(1, 8192 / (m * P * n / 8 + 1)), [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> wt(n);
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* tb = tp + b * tb_stride;
-        for (int64_t k = 0; k < m; ++k) {
-          const scalar_t* wk = wp + (b * m + k) * n;
-          scalar_t* h = hp + (b * m + k) * P;
-          int64_t p = 0;
-          for (int64_t a = 0; a < d; ++a) {
-            const scalar_t* ta = tb + a * tr_stride;
-            for (int64_t i = 0; i < n; ++i) wt[i] = wk[i] * ta[i * ti_stride];
-            for (int64_t c = a; c < d; ++c, ++p) {
-              const scalar_t* tc = tb + c * tr_stride;
-              scalar_t acc = scalar_t(0);
-              for (int64_t i = 0; i < n; ++i) acc += wt[i] * tc[i * ti_stride];
-              h[p] += acc;
-            }
+namespace {
+
+template <typename T, typename L>
+inline T lane_sum(const L& v) {
+  if constexpr (std::is_arithmetic<L>::value) {
+    return v;
+  } else {
+    T s = T(0);
+    for (const T e : v.v) s += e;
+    return s;
+  }
+}
+
+// Reverse-Gram at one stage for samples b0..b1 (see Kernels::gram); w: n entries of work space.
+template <typename T>
+HM_SIMD_CLONES void gram_rows(Mode mode, int64_t d, int64_t m, int64_t n, T* g, const T* s1,
+                              const T* s2, const T* t, int64_t tb_stride, int64_t tr_stride,
+                              T* packed, int64_t pb_stride, T* w, int64_t b0, int64_t b1) {
+  const int64_t Q = n_pairs(mode, d), J = gram_terms(mode, d);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* tb = t + b * tb_stride;
+    for (int64_t k = 0; k < m; ++k) {
+      T* gk = g + (b * m + k) * n;
+      for_each_lane<T>(n, [&](auto lane, int64_t i) HM_INLINE {
+        using L = decltype(lane);
+        lane_ptr<L>(w, i)[0] = L(lane_ptr<L>(gk, i)[0]) * L(lane_ptr<L>(s2 + b * n, i)[0]);
+      });
+      T* pk = packed + b * pb_stride + k * Q;
+      for (int64_t q = 0; q < Q; ++q) {
+        T total = T(0);
+        for (int64_t j = 0; j < J; ++j) {
+          int64_t a, c;
+          gram_term(mode, d, q, j, &a, &c);
+          const T* ta = tb + a * tr_stride;
+          const T* tc = tb + c * tr_stride;
+          using P = Pack<T, kLanes<T>>;
+          P acc(0);
+          int64_t i = 0;
+          for (; i + kLanes<T> <= n; i += kLanes<T>) {
+            acc = acc + P::load(w + i) * P::load(ta + i) * P::load(tc + i);
           }
+          T tail = T(0);
+          for (; i < n; ++i) tail += w[i] * ta[i] * tc[i];
+          total += lane_sum<T>(acc) + tail;
         }
+        pk[q] += total;
       }
+      for_each_lane<T>(n, [&](auto lane, int64_t i) HM_INLINE {
+        using L = decltype(lane);
+        lane_ptr<L>(gk, i)[0] = L(lane_ptr<L>(gk, i)[0]) * L(lane_ptr<L>(s1 + b * n, i)[0]);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+void gram(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,
+          const at::Tensor& t, at::Tensor& packed) {
+  const int64_t B = g.size(0), m = g.size(1), n = g.size(2), d = t.size(-2);
+  const bool shared = t.dim() == 2;
+  const int64_t Q = packed.size(-1);
+  // (The strides of dimensions of size 1 are arbitrary.)
+  TORCH_INTERNAL_ASSERT((n == 1 || t.stride(-1) == 1) && (Q == 1 || packed.stride(-1) == 1) &&
+                        (m == 1 || packed.stride(-2) == Q));
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mlp_jet_gram_cpu", [&] {
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* s1p = s1.data_ptr<scalar_t>();
+    const scalar_t* s2p = s2.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* pp = packed.data_ptr<scalar_t>();
+    const int64_t tb = shared ? 0 : t.stride(0), tr = t.stride(-2), pb = packed.stride(0);
+    at::parallel_for(0, B, grain_for(m * n * (1 + n_pairs(mode, d))), [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> w(n);
+      gram_rows<scalar_t>(mode, d, m, n, gp, s1p, s2p, tp, tb, tr, pp, pb, w.data(), b0, b1);
     });
   });
 }

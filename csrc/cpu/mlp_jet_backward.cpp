@@ -18,9 +18,9 @@ template <typename T>
 HM_SIMD_CLONES void adjoint_rows(Mode mode, int64_t d, int64_t n, const StageInput<T>& in,
                                  const DerivSource<T>& src, int code, T* gp, int64_t b0,
                                  int64_t b1) {
-  with_smooth_code(code, [&](auto c) {
+  with_smooth_code(code, [&](auto c) HM_INLINE {
     for_stage_lanes<decltype(c)::value, T>(
-        mode, d, n, in, src, gp, b0, b1, [&](const auto& f, auto t, auto s, auto g) {
+        mode, d, n, in, src, gp, b0, b1, [&](const auto& f, auto t, auto s, auto g, int64_t) HM_INLINE {
           jet_adjoint_neuron(mode, d, f, t, s, n, g);
         });
   });

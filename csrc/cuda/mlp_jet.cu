@@ -34,20 +34,34 @@ __global__ void unpack_kernel(Mode mode, int64_t B, int64_t m, int64_t d, int64_
   }
 }
 
+// One thread per (sample, output, entry q): its sum over the neurons and the mode's terms.
 template <typename T>
-__global__ void gram_kernel(int64_t B, int64_t m, int64_t n, int64_t d, const T* w, const T* t,
-                            int64_t tb_stride, int64_t tr_stride, int64_t ti_stride, T* packed) {
-  const int64_t P = d * (d + 1) / 2;
-  HM_GRID_LOOP(idx, B * m * P) {
-    const int64_t bk = idx / P, p = idx - bk * P, b = bk / m;
-    int64_t a, c;
-    pair_of(d, p, &a, &c);
-    const T* wk = w + bk * n;
-    const T* ta = t + b * tb_stride + a * tr_stride;
-    const T* tc = t + b * tb_stride + c * tr_stride;
+__global__ void gram_kernel(Mode mode, int64_t B, int64_t m, int64_t n, int64_t d, const T* g,
+                            const T* s2, const T* t, int64_t tb_stride, int64_t tr_stride,
+                            T* packed, int64_t pb_stride) {
+  const int64_t Q = n_pairs(mode, d), J = gram_terms(mode, d);
+  HM_GRID_LOOP(idx, B * m * Q) {
+    const int64_t bk = idx / Q, q = idx - bk * Q, b = bk / m, k = bk - b * m;
+    const T* gk = g + bk * n;
+    const T* s2b = s2 + b * n;
     T acc = T(0);
-    for (int64_t i = 0; i < n; ++i) acc += wk[i] * ta[i * ti_stride] * tc[i * ti_stride];
-    packed[idx] += acc;
+    for (int64_t j = 0; j < J; ++j) {
+      int64_t a, c;
+      gram_term(mode, d, q, j, &a, &c);
+      const T* ta = t + b * tb_stride + a * tr_stride;
+      const T* tc = t + b * tb_stride + c * tr_stride;
+      for (int64_t i = 0; i < n; ++i) acc += gk[i] * s2b[i] * ta[i] * tc[i];
+    }
+    packed[b * pb_stride + k * Q + q] += acc;
+  }
+}
+
+// g[b, k, i] *= s1[b, i]: after the Gram kernel has read g.
+template <typename T>
+__global__ void scale_rows_kernel(int64_t B, int64_t m, int64_t n, T* g, const T* s1) {
+  HM_GRID_LOOP(idx, B * m * n) {
+    const int64_t i = idx % n, b = idx / (m * n);
+    g[idx] *= s1[b * n + i];
   }
 }
 
@@ -89,13 +103,22 @@ void unpack(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at:
   });
 }
 
-void gram(const at::Tensor& w, const at::Tensor& t, at::Tensor& packed) {
-  const int64_t B = w.size(0), m = w.size(1), n = w.size(2), d = t.size(1);
+void gram(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,
+          const at::Tensor& t, at::Tensor& packed) {
+  const int64_t B = g.size(0), m = g.size(1), n = g.size(2), d = t.size(-2);
+  const int64_t Q = packed.size(-1);
+  const bool shared = t.dim() == 2;
+  // (The strides of dimensions of size 1 are arbitrary.)
+  TORCH_INTERNAL_ASSERT((n == 1 || t.stride(-1) == 1) && (Q == 1 || packed.stride(-1) == 1) &&
+                        (m == 1 || packed.stride(-2) == Q));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mlp_jet_gram_cuda", [&] {
-    gram_kernel<scalar_t><<<blocks_for(B * m * d * (d + 1) / 2), kThreads, 0, stream>>>(
-        B, m, n, d, w.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), t.stride(0), t.stride(1),
-        t.stride(2), packed.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mlp_jet_gram_cuda", [&] {
+    gram_kernel<scalar_t><<<blocks_for(B * m * Q), kThreads, 0, stream>>>(
+        mode, B, m, n, d, g.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+        shared ? 0 : t.stride(0), t.stride(-2), packed.data_ptr<scalar_t>(), packed.stride(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scale_rows_kernel<scalar_t><<<blocks_for(B * m * n), kThreads, 0, stream>>>(
+        B, m, n, g.data_ptr<scalar_t>(), s1.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
