@@ -15,7 +15,7 @@ namespace {
 
 // Up to this d, reverse-Gram's weighted Gram is a fused kernel over one
 // triangle; above it, batched GEMMs.
-constexpr int64_t kGramKernelMaxD = 6;
+constexpr int64_t kGramKernelMaxD = 16;
 
 at::Tensor bias_of(const c10::List<std::optional<at::Tensor>>& biases, int64_t l) {
   const std::optional<at::Tensor> b = biases.get(l);

@@ -12,19 +12,20 @@ from typing import Optional, Sequence
 
 import torch
 
-# The weights below were measured (float32, 2-core Xeon with AVX-512, torch 2.13; see
-# benchmarks/suite.py, "method crossover"), in units of one GEMM multiply-add:
+# The weights below were fitted to measured times (float32, 2-core Xeon with AVX-512, torch
+# 2.13; 208 cases of widths 32-256, d 1-24, m 1 and 4, every mode: benchmarks/suite.py,
+# "method crossover"), in units of one GEMM multiply-add. Where the model picks the slower
+# method the two were within 30% of each other.
 # Cost of touching one element in a fused elementwise pass.
-ELEMENTWISE_WEIGHT = 4.0
-# One multiply-add of the reverse-Gram triangle loop (small d) and of its batched GEMMs over a
-# triangle of blocks (about 5/8 of the full product).
-GRAM_WEIGHT = 26.0
-# (batched GEMMs of small blocks: per-call overheads and the scaling pass weigh more at small d)
+ELEMENTWISE_WEIGHT = 3.0
+# One term w T_a T_c of reverse-Gram's Gram kernel (d up to GRAM_LOOP_MAX_D).
+GRAM_WEIGHT = 8.0
+# Above that d (full Hessian), batched GEMMs over a triangle of blocks; small blocks weigh more.
 def gram_gemm_weight(d: int) -> float:
     return 1.0 + 50.0 / d
-GRAM_LOOP_MAX_D = 6  # csrc/jet_driver.cpp, kGramKernelMaxD
-# Reverse-Gram's extra passes (whole batch at once, backward of m columns) on top of that.
-REVERSE_OVERHEAD = 1.6
+GRAM_LOOP_MAX_D = 16  # csrc/jet_driver.cpp, kGramKernelMaxD
+# Reverse-Gram's extra passes (a backward of m columns, each layer's T kept) on top of that.
+REVERSE_OVERHEAD = 1.2
 
 
 def _pairs(mode: str, d: int) -> int:
@@ -40,16 +41,16 @@ def forward_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
     return gemm + ELEMENTWISE_WEIGHT * elementwise
 
 
-def reverse_cost(d: int, widths: Sequence[int]) -> float:
-    """Work per sample of reverse-Gram for the full Hessian of all m outputs."""
+def reverse_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
+    """Work per sample of reverse-Gram for the Hessian part ``mode`` of all m outputs."""
     m = widths[-1]
-    P = d * (d + 1) // 2
     gemm = d * widths[0] + sum(widths[l] * widths[l - 1] * (1 + d + m) for l in range(1, len(widths)))
     elementwise = sum(n * (1 + d + 3 * m) for n in widths)
-    if d <= GRAM_LOOP_MAX_D:
-        gram = GRAM_WEIGHT * sum(m * n * P for n in widths)
-    else:
+    if mode == "full" and d > GRAM_LOOP_MAX_D:
         gram = gram_gemm_weight(d) * sum(m * n * d * d for n in widths)
+    else:
+        terms = d * (d + 1) // 2 if mode == "full" else d
+        gram = GRAM_WEIGHT * sum(m * n * terms for n in widths)
     return REVERSE_OVERHEAD * (gemm + ELEMENTWISE_WEIGHT * elementwise + gram)
 
 
@@ -70,7 +71,7 @@ def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str,
             work += B * widths[0] + sum(B * cols * n for n in widths[1:]) + 2 * B * cols * n_max
     else:
         work = sum(B * (2 + 2 * d) * n for n in widths) + 3 * B * m * n_max
-        work += B * m * (d * (d + 1) // 2) if d <= 32 else 2 * B * m * d * (n_max + d)
+        work += B * m * (d * (d + 1) // 2) if d <= GRAM_LOOP_MAX_D else 2 * B * m * d * (n_max + d)
     return (out + work) * itemsize
 
 
@@ -79,15 +80,24 @@ def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str,
 CPU_BLOCK_BYTES = 256 << 10
 
 
-def cpu_block_rows(d: int, widths: Sequence[int], mode: str, itemsize: int) -> int:
-    """Samples per block of the CPU kernels (chunks of a multiple of it give the same bits)."""
-    return max(8, CPU_BLOCK_BYTES // ((1 + d + _pairs(mode, d)) * max(widths) * itemsize))
+def cpu_block_rows(d: int, widths: Sequence[int], mode: str, itemsize: int,
+                   method: str = "forward") -> Optional[int]:
+    """Samples per block of the CPU kernels (chunks of a multiple of it give the same bits);
+    None where the call takes the whole batch at once (reverse-Gram's batched GEMMs)."""
+    if method == "reverse":
+        if mode == "full" and d > GRAM_LOOP_MAX_D:
+            return None
+        cols = 1 + d  # reverse-Gram's blocks: sized by the columns z and T
+    else:
+        cols = 1 + d + _pairs(mode, d)
+    return max(8, CPU_BLOCK_BYTES // (cols * max(widths) * itemsize))
 
 
 def choose_method(d: int, widths: Sequence[int], mode: str) -> str:
-    if mode != "full":
+    """The cheaper exact method for a Hessian mode ('none': forward, the only one)."""
+    if mode not in ("full", "diag", "trace"):
         return "forward"
-    return "reverse" if reverse_cost(d, widths) < forward_cost(d, widths, mode) else "forward"
+    return "reverse" if reverse_cost(d, widths, mode) < forward_cost(d, widths, mode) else "forward"
 
 
 def available_bytes(device: torch.device) -> Optional[int]:

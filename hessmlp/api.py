@@ -126,7 +126,7 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         method = "forward"
     if method == "auto":
         method = _cost.choose_method(d, widths, mode)
-        if mode == "full" and method == "forward":
+        if mode != "none" and method == "forward":
             # Prefer whichever fits when the cheaper one would not.
             free = None if torch.compiler.is_compiling() else _cost.available_bytes(xb.device)
             if free is not None and _cost.working_bytes(B, d, widths, mode, "forward", itemsize) > free:
@@ -203,12 +203,11 @@ def _rows_per_call(B, d, widths, mode, method, x, save) -> int:
             f"'{method}') but the memory budget is {_BUDGET / 2**20:.1f} MiB; raise it with "
             "hessmlp.set_memory_budget")
     rows = max(1, min(B, int(_BUDGET // one)))
-    if x.device.type == "cpu" and method == "forward":
+    block = _cost.cpu_block_rows(d, widths, mode, x.element_size(), method)
+    if x.device.type == "cpu" and block is not None and rows >= block:
         # Whole blocks of the CPU kernels: every sample then sees the same GEMM shapes as in
         # one call, and the results are the same to the bit.
-        block = _cost.cpu_block_rows(d, widths, mode, x.element_size())
-        if rows >= block:
-            rows -= rows % block
+        rows -= rows % block
     return rows
 
 
@@ -243,7 +242,9 @@ def jet(model: nn.Module, x: torch.Tensor, hessian: Optional[str] = "full", outp
         hessian: 'full' (B, m, d, d), 'diag' (B, m, d), 'trace' (B, m) or None.
         output: an int selects one output k and drops the m dimension.
         method: 'auto' (default), 'forward' (forward jets) or 'reverse'
-            (reverse-Gram; full Hessian only). Both are exact.
+            (reverse-Gram; needs a Hessian part). Both are exact; 'auto' takes the
+            cheaper by a measured cost model, and 'forward' when gradients will flow
+            through the result (its backward needs the forward jets' state).
     """
     return _run(model, x, hessian, output, method)
 
@@ -254,14 +255,16 @@ def hessian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
     return _run(model, x, "full", output, method).hessian
 
 
-def hessian_diag(model: nn.Module, x: torch.Tensor, output: Optional[int] = None) -> torch.Tensor:
+def hessian_diag(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
+                 method: str = "auto") -> torch.Tensor:
     """d^2 y_k / dx_i^2: (B, m, d), (B, d) with output=k; unbatched x drops B."""
-    return _run(model, x, "diag", output, "forward").hessian
+    return _run(model, x, "diag", output, method).hessian
 
 
-def laplacian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None) -> torch.Tensor:
+def laplacian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
+              method: str = "auto") -> torch.Tensor:
     """Trace of the Hessian: (B, m), (B,) with output=k; unbatched x drops B."""
-    return _run(model, x, "trace", output, "forward").hessian
+    return _run(model, x, "trace", output, method).hessian
 
 
 def jacobian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None) -> torch.Tensor:

@@ -130,9 +130,10 @@ def test_blocked_batches_match_small_calls(mode, method, dtype):
         assert_rel_close(whole.hessian[:300], ref, dtype, f"{mode} vs torch.func")
 
 
-@pytest.mark.parametrize("d", [7, 13, 40])
+@pytest.mark.parametrize("d", [7, 13, 16, 17, 23, 40])
 def test_reverse_gram_block_triangle(d):
-    """Large d: reverse-Gram's batched GEMMs over one triangle of blocks, mirrored."""
+    """Up to d = 16 reverse-Gram's Gram kernel, above it batched GEMMs over one triangle of
+    blocks, mirrored."""
     model = random_mlp(d, [24, 17], 3, ACT["gelu"], seed=d, final_act=True)
     x = torch.randn(5, d, dtype=torch.float64)
     ref = func_reference(model, x)[2]

@@ -205,15 +205,22 @@ HM_SIMD_CLONES void gram_rows(Mode mode, int64_t d, int64_t m, int64_t n, T* g, 
           gram_term(mode, d, q, j, &a, &c);
           const T* ta = tb + a * tr_stride;
           const T* tc = tb + c * tr_stride;
+          // Two partial sums of packs (half the chain of dependent adds), then the tail.
           using P = Pack<T, kLanes<T>>;
-          P acc(0);
+          constexpr int64_t K = kLanes<T>;
+          P acc0(0), acc1(0);
           int64_t i = 0;
-          for (; i + kLanes<T> <= n; i += kLanes<T>) {
-            acc = acc + P::load(w + i) * P::load(ta + i) * P::load(tc + i);
+          for (; i + 2 * K <= n; i += 2 * K) {
+            acc0 = acc0 + P::load(w + i) * P::load(ta + i) * P::load(tc + i);
+            acc1 = acc1 + P::load(w + i + K) * P::load(ta + i + K) * P::load(tc + i + K);
+          }
+          if (i + K <= n) {
+            acc0 = acc0 + P::load(w + i) * P::load(ta + i) * P::load(tc + i);
+            i += K;
           }
           T tail = T(0);
           for (; i < n; ++i) tail += w[i] * ta[i] * tc[i];
-          total += lane_sum<T>(acc) + tail;
+          total += lane_sum<T>(acc0 + acc1) + tail;
         }
         pk[q] += total;
       }
