@@ -39,6 +39,20 @@ def median_s(fn, run_time):
         min_run_time=run_time).median
 
 
+def interleaved(fns, run_time, rounds=5):
+    """Median times of fns measured side by side: `rounds` rounds of blocked_autorange, one
+    per function in turn, so that a drift in the machine's speed falls on all of them alike;
+    each function's time is the median of its rounds."""
+    for fn in fns:
+        fn()
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}) for fn in fns]
+    per = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, t in enumerate(timers):
+            per[k].append(t.blocked_autorange(min_run_time=run_time / rounds).median)
+    return [sorted(v)[len(v) // 2] for v in per]
+
+
 def rel_err(a, b):
     scale = max(b.abs().max().item(), 1e-30)
     return (a - b).abs().max().item() / scale
@@ -74,8 +88,8 @@ def agree(model64, model32, x, mode, output=None):
         check(f"{mode} {xx.dtype}", got.hessian, ref, tol)
 
 
-def gemm_floor(B, d, widths, mode, method, dtype, run_time, train=False):
-    """Time of the products with the weight matrices that hessmlp's call performs."""
+def gemm_floor_fn(B, d, widths, mode, method, dtype, train=False):
+    """The products with the weight matrices that hessmlp's call performs, as one function."""
     P = {"full": d * (d + 1) // 2, "diag": d, "trace": 1, "none": 0}[mode]
     m = widths[-1]
     C = 1 + d + (P if method == "forward" else 0)
@@ -83,7 +97,7 @@ def gemm_floor(B, d, widths, mode, method, dtype, run_time, train=False):
     bmats = []
     if method == "reverse":
         shapes += [(B * m, widths[l], widths[l - 1]) for l in range(len(widths) - 1, 0, -1)]
-        if d > _cost.GRAM_LOOP_MAX_D:
+        if mode == "full" and d > _cost.GRAM_LOOP_MAX_D:
             # One triangle of blocks of each layer's Gram (csrc/jet_driver.cpp, gram_blocks).
             bs = (d + 3) // 4
             for l, n in enumerate(widths):
@@ -107,7 +121,7 @@ def gemm_floor(B, d, widths, mode, method, dtype, run_time, train=False):
         for a, w in bmats:
             torch.matmul(a, w)
 
-    return median_s(run, run_time)
+    return run
 
 
 def train_step_fns(model, x, f):
@@ -198,20 +212,22 @@ def main():
     x = torch.rand(B, d) * 2 - 1
     for mode in ("full", "trace", "diag"):
         agree(m64, m32, x, mode)
-    t_func_h = median_s(lambda: func_hessian(m32, x), rt)
+    # Each target's hessmlp call, baseline and GEMM floor are timed side by side (interleaved).
+    rt3 = 3 * rt
     rows = []
     method = _cost.choose_method(d, ws, "full")
-    t = median_s(lambda: hessmlp.hessian(m32, x), rt)
-    floor = gemm_floor(B, d, ws, "full", method, F32, rt)
+    t, t_func_h, floor = interleaved([lambda: hessmlp.hessian(m32, x), lambda: func_hessian(m32, x),
+                                      gemm_floor_fn(B, d, ws, "full", method, F32)], rt3)
     rows.append((f"PINN full Hessian (d=3, 4x128 tanh, B={B}, {method})", t, "vmap(func.hessian)",
                  t_func_h, 3.5, floor, 1.3))
     for mode, name in (("trace", "Laplacian"), ("diag", "Hessian diagonal")):
         fn = (lambda: hessmlp.laplacian(m32, x)) if mode == "trace" else (lambda: hessmlp.hessian_diag(m32, x))
         post = ((lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1)) if mode == "trace"
                 else (lambda H: H.diagonal(dim1=-2, dim2=-1)))
-        tb = median_s(lambda: post(func_hessian(m32, x)), rt)
-        rows.append((f"PINN {name}", median_s(fn, rt), "func.hessian then " + mode, tb, 4.0,
-                     gemm_floor(B, d, ws, mode, "forward", F32, rt), None))
+        meth = _cost.choose_method(d, ws, mode)
+        ta, tb, tf = interleaved([fn, lambda: post(func_hessian(m32, x)),
+                                  gemm_floor_fn(B, d, ws, mode, meth, F32)], rt3)
+        rows.append((f"PINN {name} ({meth})", ta, "func.hessian then " + mode, tb, 4.0, tf, None))
     mt = make(d, widths, 1)
     for p_ in mt.parameters():
         p_.requires_grad_(True)
@@ -219,9 +235,10 @@ def main():
     ours, func = train_step_fns(mt, x, f)
     for a, b in zip(ours(), func()):
         assert rel_err(a, b) < 2e-3, "training-step gradients disagree with torch.func"
-    rows.append(("PINN training step (Laplacian loss + backward)", median_s(ours, rt),
-                 "torch.func route", median_s(func, rt), 5.0,
-                 gemm_floor(B, d, ws, "trace", "forward", F32, rt, train=True), None))
+    ta, tb, tf = interleaved([ours, func, gemm_floor_fn(B, d, ws, "trace", "forward", F32, train=True)],
+                             rt3)
+    rows.append(("PINN training step (Laplacian loss + backward)", ta, "torch.func route", tb, 5.0, tf,
+                 None))
     # the forum's case
     fd, fw, fm, fB = 784, [512, 512], 10, 16
     f32, f64_ = make(fd, fw, fm), make(fd, fw, fm, dtype=F64)
@@ -230,9 +247,10 @@ def main():
         Href = func_hessian(f64_, fx[:2].double(), output)
         check("forum float64", hessmlp.hessian(f64_, fx[:2].double(), output=output), Href, 1e-9)
         meth = _cost.choose_method(fd, fw + [fm if output is None else 1], "full")
-        t = median_s(lambda: hessmlp.hessian(f32, fx, output=output), rt)
-        tb = median_s(lambda: func_hessian(f32, fx, output), rt)
-        floor = gemm_floor(fB, fd, fw + [fm if output is None else 1], "full", meth, F32, rt)
+        t, tb, floor = interleaved([lambda: hessmlp.hessian(f32, fx, output=output),
+                                    lambda: func_hessian(f32, fx, output),
+                                    gemm_floor_fn(fB, fd, fw + [fm if output is None else 1], "full", meth,
+                                                  F32)], rt3)
         label = "all 10 outputs" if output is None else "class 2"
         rows.append((f"forum 784-512-512-10, B=16, {label} ({meth})", t, "vmap(func.hessian)", tb,
                      None, floor, 1.5))
@@ -299,12 +317,13 @@ def main():
             H = func_hessian(mm, xx[:32])
             check(f"sweep {label}", hessmlp.hessian(mm, xx[:32]), H, 1e-4)
             meth = _cost.choose_method(dd, ww + [1], "full")
-            th = median_s(lambda: hessmlp.hessian(mm, xx), rt)
-            tf = median_s(lambda: func_hessian(mm, xx), rt)
-            fh = gemm_floor(BB, dd, ww + [1], "full", meth, F32, rt)
-            tlap = median_s(lambda: hessmlp.laplacian(mm, xx), rt)
-            tfl = median_s(lambda: func_hessian(mm, xx).diagonal(dim1=-2, dim2=-1).sum(-1), rt)
-            fl = gemm_floor(BB, dd, ww + [1], "trace", "forward", F32, rt)
+            th, tf, fh = interleaved([lambda: hessmlp.hessian(mm, xx), lambda: func_hessian(mm, xx),
+                                      gemm_floor_fn(BB, dd, ww + [1], "full", meth, F32)], 2 * rt, 3)
+            tlap, tfl, fl = interleaved(
+                [lambda: hessmlp.laplacian(mm, xx),
+                 lambda: func_hessian(mm, xx).diagonal(dim1=-2, dim2=-1).sum(-1),
+                 gemm_floor_fn(BB, dd, ww + [1], "trace", _cost.choose_method(dd, ww + [1], "trace"), F32)],
+                2 * rt, 3)
             say(f"| {label} | {th * 1e3:.2f} | {tf / th:.2f}x | {th / fh:.2f} | {tlap * 1e3:.2f} | "
                 f"{tfl / tlap:.2f}x | {tlap / fl:.2f} |")
             out.append((label, tf / th, th / fh, tfl / tlap, tlap / fl))
@@ -319,19 +338,23 @@ def main():
     sweep("input dimension d (4x128, B=1024)", [(f"d={dd}", dd, [128] * 4, 1024 // q) for dd in Ds])
 
     # ---- method crossover
-    say("## Full Hessian: forward jets against reverse-Gram (3x128 tanh, float32)")
+    say("## Method crossover: forward jets against reverse-Gram (3x128 tanh, float32)")
     say()
-    say("| m | d | forward us/sample | reverse us/sample | faster | auto picks |")
-    say("|---|---|---|---|---|---|")
-    for mo in (1, 4):
-        for dd in ([2, 4, 16] if args.quick else [2, 3, 4, 6, 8, 16, 32, 48]):
-            mm = make(dd, [128] * 3, mo)
-            BB = max(32, 4096 // dd // q)
-            xx = torch.rand(BB, dd)
-            tf = median_s(lambda: hessmlp.hessian(mm, xx, method="forward"), rt / 2) / BB
-            tr = median_s(lambda: hessmlp.hessian(mm, xx, method="reverse"), rt / 2) / BB
-            say(f"| {mo} | {dd} | {tf * 1e6:.2f} | {tr * 1e6:.2f} | {'forward' if tf < tr else 'reverse'} | "
-                f"{_cost.choose_method(dd, [128] * 3 + [mo], 'full')} |")
+    say("| mode | m | d | forward us/sample | reverse us/sample | faster | auto picks |")
+    say("|---|---|---|---|---|---|---|")
+    for mode in ("full", "diag", "trace"):
+        for mo in (1, 4):
+            for dd in ([2, 4, 16] if args.quick else [1, 2, 3, 4, 6, 8, 16, 32, 48]):
+                if mode != "full" and dd > 16:
+                    continue
+                mm = make(dd, [128] * 3, mo)
+                BB = max(32, 4096 // dd // q)
+                xx = torch.rand(BB, dd)
+                tf, tr = (t / BB for t in interleaved(
+                    [lambda: hessmlp.jet(mm, xx, hessian=mode, method="forward"),
+                     lambda: hessmlp.jet(mm, xx, hessian=mode, method="reverse")], rt, 3))
+                say(f"| {mode} | {mo} | {dd} | {tf * 1e6:.2f} | {tr * 1e6:.2f} | "
+                    f"{'forward' if tf < tr else 'reverse'} | {_cost.choose_method(dd, [128] * 3 + [mo], mode)} |")
     say()
 
     # ---- memory
