@@ -13,7 +13,8 @@ f64 = torch.float64
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("mode, method", [("full", "forward"), ("full", "reverse"),
-                                          ("diag", "forward"), ("trace", "forward"),
+                                          ("diag", "forward"), ("diag", "reverse"),
+                                          ("trace", "forward"), ("trace", "reverse"),
                                           (None, "forward")])
 def test_cuda_matches_cpu(mode, method, dtype):
     model = random_mlp(5, [40, 33], 3, nn.SiLU, dtype=dtype, final_act=True)
