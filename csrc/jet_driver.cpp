@@ -52,9 +52,9 @@ struct Net {
   at::Tensor w0t;  // W_0^T [d, n_0], contiguous: T at layer 0 for every sample
 
   StageArgs stage(Mode mode, int64_t l, const at::Tensor& state, const at::Tensor& bias,
-                  at::Tensor* derivs = nullptr) const {
+                  StageCache* cache = nullptr) const {
     return StageArgs{mode, state.size(0), spec.widths[l], spec.d, state, w0t, bias, l == 0,
-                     stage_desc(spec, l, act_codes, act_params), derivs};
+                     stage_desc(spec, l, act_codes, act_params), cache};
   }
 };
 
@@ -62,16 +62,16 @@ struct Net {
 // `state`), written into out [rows, C, n]; its derivatives s1, s2 [rows, n] too where defined.
 void stage_forward_into(const Kernels& k, const Net& net, Mode mode, int64_t l,
                         const at::Tensor& state, at::Tensor& out, at::Tensor s1 = {},
-                        at::Tensor s2 = {}, at::Tensor* derivs = nullptr) {
+                        at::Tensor s2 = {}, StageCache* cache = nullptr) {
   const at::Tensor bias = bias_of(net.biases, l);
-  if (state.size(0) > 0) k.stage_forward(net.stage(mode, l, state, bias, derivs), out, s1, s2);
+  if (state.size(0) > 0) k.stage_forward(net.stage(mode, l, state, bias, cache), out, s1, s2);
 }
 
 at::Tensor stage_forward(const Kernels& k, const Net& net, Mode mode, int64_t l,
-                         const at::Tensor& state, at::Tensor* derivs = nullptr) {
+                         const at::Tensor& state, StageCache* cache = nullptr) {
   const int64_t C = 1 + net.spec.d + n_pairs(mode, net.spec.d);
   at::Tensor out = at::empty({state.size(0), C, net.spec.widths[l]}, state.options());
-  stage_forward_into(k, net, mode, l, state, out, {}, {}, derivs);
+  stage_forward_into(k, net, mode, l, state, out, {}, {}, cache);
   return out;
 }
 
@@ -342,12 +342,12 @@ void backward_sweep(const Kernels& k, const Net& net, const at::Tensor& x,
   // The adjoint of the last layer's columns [nb, C, m].
   at::Tensor g = at::empty({nb, C, spec.m()}, x.options());
   k.pack_adjoint(spec.mode, d, rows(gv), rows(gj), rows(gh), g);
-  at::Tensor derivs;  // the current stage's derivatives, when the recomputation below kept them
+  StageCache cache;  // what the recomputation below kept of the current stage
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t n = spec.widths[l];
     // The stage: g becomes the adjoint of this Linear's output (z_bar, T_bar, S_bar).
-    k.stage_adjoint(net.stage(spec.mode, l, rows(state[l]), bias_of(net.biases, l), &derivs), g);
-    derivs = at::Tensor();
+    k.stage_adjoint(net.stage(spec.mode, l, rows(state[l]), bias_of(net.biases, l), &cache), g);
+    cache = StageCache{};
     const at::Tensor zbar = g.select(1, 0);  // [nb, n]
     if (gb[l].numel() > 0) gb[l].add_(zbar.sum(0));
     if (l > 0) {
@@ -356,7 +356,7 @@ void backward_sweep(const Kernels& k, const Net& net, const at::Tensor& x,
       if (need_w) {
         // This Linear's input: the previous stage applied to the previous state.
         const at::Tensor act =
-            stage_forward(k, net, spec.mode, l - 1, rows(state[l - 1]), &derivs);
+            stage_forward(k, net, spec.mode, l - 1, rows(state[l - 1]), &cache);
         gw[l].addmm_(g2.t(), act.view({nb * C, n_prev}));
       }
       g = at::mm(g2, net.weights[l]).view({nb, C, n_prev});

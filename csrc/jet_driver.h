@@ -16,6 +16,12 @@
 
 namespace hessmlp {
 
+// What a backend keeps of one stage between its recomputation and its adjoint in the
+// backward sweep (the CPU: the derivative arrays, or z + bias and the prims).
+struct StageCache {
+  at::Tensor t[3];
+};
+
 // One stage's pass over a batch: its input in the saved-state layout, the bias
 // of the Linear before it and its functions.
 struct StageArgs {
@@ -26,10 +32,10 @@ struct StageArgs {
   const at::Tensor& bias;   // [n] or undefined
   bool first;               // layer 0: T = w0t for every sample, S = 0
   StageDesc stage;
-  // Optional cache of the stage's derivatives for backends that keep them (the CPU:
-  // [4, rows, n]): used when defined, filled when not. The backward sweep passes the
-  // same slot to the recomputed stage and then to its adjoint.
-  at::Tensor* derivs = nullptr;
+  // Optional cache for backends that keep values of the stage: used when filled, filled
+  // when not. The backward sweep passes the same one to the recomputed stage and then to
+  // its adjoint.
+  StageCache* cache = nullptr;
 };
 
 // Where the input of a stage lives, as the kernels read it.

@@ -40,6 +40,8 @@ struct StagePrims {
   double p0, p1;
 };
 StagePrims stage_prims(const StageArgs& a);
+// The code and parameters of a fused stage, no tensors.
+StagePrims stage_prims_of(const StageDesc& st);
 
 // Calls body(std::integral_constant<int, code>) for the code of a fused stage.
 template <typename Body>
@@ -114,12 +116,25 @@ inline __attribute__((always_inline)) void for_stage_lanes(
   }
 }
 
-// The same, taken from (or left in) the StageArgs' cache slot.
+// stage_derivs_batch and stage_prims, taken from (or left in) the StageArgs' cache.
 inline at::Tensor stage_derivs_cached(const StageArgs& a) {
-  if (a.derivs && a.derivs->defined()) return *a.derivs;
+  if (a.cache && a.cache->t[0].defined()) return a.cache->t[0];
   at::Tensor D = stage_derivs_batch(a);
-  if (a.derivs) *a.derivs = D;
+  if (a.cache) a.cache->t[0] = D;
   return D;
+}
+
+inline StagePrims stage_prims_cached(const StageArgs& a) {
+  if (a.cache && a.cache->t[0].defined()) {
+    StagePrims p = stage_prims_of(a.stage);
+    p.z = a.cache->t[0];
+    p.a = a.cache->t[1];
+    p.b = a.cache->t[2];
+    return p;
+  }
+  StagePrims p = stage_prims(a);
+  if (a.cache) *a.cache = StageCache{{p.z, p.a, p.b}};
+  return p;
 }
 
 // Lanes of the per-neuron math on the CPU: as many neurons as fill 64 bytes.

@@ -97,13 +97,18 @@ at::Tensor stage_derivs_batch(const StageArgs& a) {
   return D;
 }
 
+StagePrims stage_prims_of(const StageDesc& st) {
+  StagePrims p;
+  p.code = st.n_ops == 0 ? ACT_IDENTITY : st.codes[0];
+  p.p0 = st.n_ops == 0 ? 0.0 : st.params[0];
+  p.p1 = st.n_ops == 0 ? 0.0 : st.params[1];
+  return p;
+}
+
 StagePrims stage_prims(const StageArgs& a) {
   const at::Tensor z = a.first ? a.state : a.state.select(1, 0);
-  StagePrims p;
+  StagePrims p = stage_prims_of(a.stage);
   p.z = a.bias.defined() ? at::add(z, a.bias) : z.contiguous();
-  p.code = a.stage.n_ops == 0 ? ACT_IDENTITY : a.stage.codes[0];
-  p.p0 = a.stage.n_ops == 0 ? 0.0 : a.stage.params[0];
-  p.p1 = a.stage.n_ops == 0 ? 0.0 : a.stage.params[1];
   std::tie(p.a, p.b) = prims_of(p.code, p.p0, p.p1, p.z);
   return p;
 }
@@ -134,7 +139,7 @@ void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tens
   const int64_t C = 1 + d + n_pairs(a.mode, d);
   const bool fused = fused_stage(a.stage);
   const at::Tensor D = fused ? at::Tensor() : stage_derivs_cached(a);
-  const StagePrims pr = fused ? stage_prims(a) : StagePrims{};
+  const StagePrims pr = fused ? stage_prims_cached(a) : StagePrims{};
   if (!fused && s1.defined()) s1.copy_(D[1]);
   if (!fused && s2.defined()) s2.copy_(D[2]);
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cpu", [&] {

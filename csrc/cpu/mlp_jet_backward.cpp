@@ -33,7 +33,7 @@ void stage_adjoint(const StageArgs& a, at::Tensor& g) {
   const int64_t C = 1 + d + n_pairs(a.mode, d);
   const bool fused = fused_stage(a.stage);
   const at::Tensor D = fused ? at::Tensor() : stage_derivs_cached(a);
-  const StagePrims pr = fused ? stage_prims(a) : StagePrims{};
+  const StagePrims pr = fused ? stage_prims_cached(a) : StagePrims{};
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_adjoint_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
     const DerivSource<scalar_t> src = derivs_source<scalar_t>(D, pr, a.batch * n);
