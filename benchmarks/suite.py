@@ -2,10 +2,13 @@
 
     python benchmarks/suite.py            # everything (a few minutes on 2 cores)
     python benchmarks/suite.py --quick    # smaller sizes and shorter timings
+    python benchmarks/suite.py --targets-only   # the targets table alone, printed
 
 Every case first asserts that hessmlp agrees with torch.func (float64 at 1e-9 and the
 timed float32 at 1e-4, relative to the largest entry), then times medians with
-torch.utils.benchmark (blocked_autorange) in this one process. Ratios are baseline
+torch.utils.benchmark (blocked_autorange) in this one process; a call, its baseline and its
+GEMM floor are timed in interleaved rounds, so that drifts of the machine's speed (large on
+shared cloud CPUs) fall on all three alike. Ratios are baseline
 time / hessmlp time (above 1: hessmlp faster). The GEMM floor of a call is the time of
 the same torch.mm / torch.bmm calls on the same shapes as its products with the weight
 matrices (DESIGN.md §5), timed here too. Writes benchmarks/results/cpu.md and PNG plots
@@ -35,7 +38,9 @@ F32, F64 = torch.float32, torch.float64
 
 def median_s(fn, run_time):
     fn()
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
+    # Timer runs on one thread unless told otherwise: time with the threads torch uses.
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                           num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=run_time).median
 
 
@@ -45,7 +50,9 @@ def interleaved(fns, run_time, rounds=5):
     each function's time is the median of its rounds."""
     for fn in fns:
         fn()
-    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}) for fn in fns]
+    # (Timer runs on one thread unless told otherwise: time with the threads torch uses.)
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+              for fn in fns]
     per = [[] for _ in fns]
     for _ in range(rounds):
         for k, t in enumerate(timers):
@@ -176,6 +183,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller batches and sweeps, short timings")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--targets-only", action="store_true",
+                   help="time the targets table only and print it (writes nothing)")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     rt = 0.15 if args.quick else 0.5
@@ -262,6 +271,8 @@ def main():
             f"{'' if target is None else f'>= {target}x '}{ok} | {floor * 1e3:.2f} | {t / floor:.2f} | "
             f"{'' if ftarget is None else f'<= {ftarget} '}{fok} |")
     say()
+    if args.targets_only:
+        return
 
     # ---- baselines for the PINN full Hessian
     say(f"## PINN full Hessian (B={B}): every baseline")
