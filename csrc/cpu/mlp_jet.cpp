@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <type_traits>
 #include <tuple>
 #include <utility>
@@ -237,6 +238,89 @@ HM_SIMD_CLONES void gram_rows(Mode mode, int64_t d, int64_t m, int64_t n, T* g, 
   }
 }
 
+// The same for d = D <= kGramSmallD, with the mode M fixed too: one pass over the
+// neurons with every entry's partial sums in registers (and g *= s1 in that pass).
+constexpr int64_t kGramSmallD = 4;
+
+template <typename T, int D, Mode M>
+HM_SIMD_CLONES void gram_rows_small(int64_t m, int64_t n, T* g, const T* s1, const T* s2,
+                                    const T* t, int64_t tb_stride, int64_t tr_stride, T* packed,
+                                    int64_t pb_stride, int64_t b0, int64_t b1) {
+  constexpr int Q = M == Mode::Full ? D * (D + 1) / 2 : M == Mode::Diag ? D : 1;
+  // A GCC vector of 64 bytes: zmm, two ymm or four xmm registers by the clone's target
+  // (arrays of Packs here would live on the stack).
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int64_t K = 64 / sizeof(T);
+  auto load = [](const T* p) HM_INLINE {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  };
+  // Entry q of one neuron (or pack): its weight w times the mode's product of T's rows.
+  auto terms = [](auto w, const auto* ta, auto* term) HM_INLINE {
+    if constexpr (M == Mode::Full) {
+      int q = 0;
+      for (int a = 0; a < D; ++a) {
+        const auto wa = w * ta[a];
+        for (int c = a; c < D; ++c) term[q++] = wa * ta[c];
+      }
+    } else if constexpr (M == Mode::Diag) {
+      for (int a = 0; a < D; ++a) term[a] = w * ta[a] * ta[a];
+    } else {
+      auto sq = ta[0] * ta[0];
+      for (int a = 1; a < D; ++a) sq = sq + ta[a] * ta[a];
+      term[0] = w * sq;
+    }
+  };
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* tb = t + b * tb_stride;
+    const T* s1b = s1 + b * n;
+    const T* s2b = s2 + b * n;
+    for (int64_t k = 0; k < m; ++k) {
+      T* gk = g + (b * m + k) * n;
+      V acc[Q];
+      for (int q = 0; q < Q; ++q) acc[q] = V{} ;
+      int64_t i = 0;
+      for (; i + K <= n; i += K) {
+        const V gi = load(gk + i);
+        const V w = gi * load(s2b + i);
+        const V gs = gi * load(s1b + i);
+        std::memcpy(gk + i, &gs, sizeof(V));
+        V ta[D], term[Q];
+        for (int a = 0; a < D; ++a) ta[a] = load(tb + a * tr_stride + i);
+        terms(w, ta, term);
+        for (int q = 0; q < Q; ++q) acc[q] += term[q];
+      }
+      T tail[Q] = {};
+      for (; i < n; ++i) {
+        const T w = gk[i] * s2b[i];
+        gk[i] *= s1b[i];
+        T ta[D], term[Q];
+        for (int a = 0; a < D; ++a) ta[a] = tb[a * tr_stride + i];
+        terms(w, ta, term);
+        for (int q = 0; q < Q; ++q) tail[q] += term[q];
+      }
+      T* pk = packed + b * pb_stride + k * Q;
+      for (int q = 0; q < Q; ++q) {
+        T sum = tail[q];
+        for (int64_t e = 0; e < K; ++e) sum += acc[q][e];
+        pk[q] += sum;
+      }
+    }
+  }
+}
+
+template <typename T, Mode M>
+void gram_small(int64_t d, int64_t m, int64_t n, T* g, const T* s1, const T* s2, const T* t,
+                int64_t tb, int64_t tr, T* packed, int64_t pb, int64_t b0, int64_t b1) {
+  switch (d) {
+    case 1: return gram_rows_small<T, 1, M>(m, n, g, s1, s2, t, tb, tr, packed, pb, b0, b1);
+    case 2: return gram_rows_small<T, 2, M>(m, n, g, s1, s2, t, tb, tr, packed, pb, b0, b1);
+    case 3: return gram_rows_small<T, 3, M>(m, n, g, s1, s2, t, tb, tr, packed, pb, b0, b1);
+    default: return gram_rows_small<T, 4, M>(m, n, g, s1, s2, t, tb, tr, packed, pb, b0, b1);
+  }
+}
+
 }  // namespace
 
 void gram(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,
@@ -255,8 +339,16 @@ void gram(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,
     scalar_t* pp = packed.data_ptr<scalar_t>();
     const int64_t tb = shared ? 0 : t.stride(0), tr = t.stride(-2), pb = packed.stride(0);
     at::parallel_for(0, B, grain_for(m * n * (1 + n_pairs(mode, d))), [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> w(n);
-      gram_rows<scalar_t>(mode, d, m, n, gp, s1p, s2p, tp, tb, tr, pp, pb, w.data(), b0, b1);
+      if (d <= kGramSmallD && mode == Mode::Full) {
+        gram_small<scalar_t, Mode::Full>(d, m, n, gp, s1p, s2p, tp, tb, tr, pp, pb, b0, b1);
+      } else if (d <= kGramSmallD && mode == Mode::Diag) {
+        gram_small<scalar_t, Mode::Diag>(d, m, n, gp, s1p, s2p, tp, tb, tr, pp, pb, b0, b1);
+      } else if (d <= kGramSmallD && mode == Mode::Trace) {
+        gram_small<scalar_t, Mode::Trace>(d, m, n, gp, s1p, s2p, tp, tb, tr, pp, pb, b0, b1);
+      } else {
+        std::vector<scalar_t> w(n);
+        gram_rows<scalar_t>(mode, d, m, n, gp, s1p, s2p, tp, tb, tr, pp, pb, w.data(), b0, b1);
+      }
     });
   });
 }
