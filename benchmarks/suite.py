@@ -371,17 +371,30 @@ def main():
     # ---- memory
     say("## Peak memory of one full-Hessian call (no grad, fresh process)")
     say()
-    say("| case | peak MiB | inputs + outputs + one layer's columns MiB | ratio |")
-    say("|---|---|---|---|")
-    for dd, ww, mo, BB in ((3, [128] * 4, 1, 16384 // q), (8, [256] * 3, 2, 4096 // q)):
+    say("What the call must hold: x, the parameters and the outputs, and the state of the samples in")
+    say("flight (each thread's block of samples: every layer's columns for reverse-Gram, which it")
+    say("keeps for its way back; three buffers of columns for forward jets).")
+    say()
+    say("| case | method | peak MiB | inputs + outputs MiB | + state in flight MiB | peak / that |")
+    say("|---|---|---|---|---|---|")
+    threads = torch.get_num_threads()
+    for dd, ww, mo, BB in ((3, [128] * 4, 1, 65536 // q), (8, [256] * 3, 2, 16384 // q)):
+        meth = _cost.choose_method(dd, ww + [mo], "full")
         peak = peak_memory(dd, ww, mo, BB, "full")
-        P = dd * (dd + 1) // 2
-        must = 4 * (BB * dd + sum(a * b for a, b in zip([dd] + ww, ww + [mo])) + BB * mo * (1 + dd + dd * dd)
-                    + BB * (1 + dd + P) * max(ww))
-        if peak is None:
-            say(f"| d={dd}, {len(ww)}x{ww[0]}, m={mo}, B={BB} | not measured | {must / 2**20:.1f} | - |")
+        io = 4 * (BB * dd + sum(a * b + b for a, b in zip([dd] + ww, ww + [mo])) + BB * mo * (1 + dd + dd * dd))
+        rows = _cost.cpu_block_rows(dd, ww + [mo], "full", 4, meth) or BB
+        C = 1 + dd if meth == "reverse" else 1 + dd + dd * (dd + 1) // 2
+        if meth == "reverse":
+            state = rows * (sum((C + 2) * n for n in ww + [mo]) + 2 * C * max(ww) + 2 * mo * max(ww))
+            state = threads * state + BB * mo * dd * (dd + 1) // 2  # and the packed triangle
         else:
-            say(f"| d={dd}, {len(ww)}x{ww[0]}, m={mo}, B={BB} | {peak / 2**20:.1f} | {must / 2**20:.1f} | "
+            state = threads * 3 * rows * C * max(ww)
+        must = io + 4 * state
+        label = f"d={dd}, {len(ww)}x{ww[0]}, m={mo}, B={BB}"
+        if peak is None:
+            say(f"| {label} | {meth} | not measured | {io / 2**20:.1f} | {must / 2**20:.1f} | - |")
+        else:
+            say(f"| {label} | {meth} | {peak / 2**20:.1f} | {io / 2**20:.1f} | {must / 2**20:.1f} | "
                 f"{peak / must:.2f} |")
     say()
 
