@@ -223,7 +223,8 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
   const int64_t B = spec.batch, d = spec.d, m = spec.m(), L = spec.n_layers(), C = 1 + d;
   const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
   const at::TensorOptions opt = x.options();
-  const at::Tensor w0t_t = net.weights[0].t();
+  std::vector<at::Tensor> wt;  // W_l^T
+  for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t());
   const int64_t blocks = (B + rows - 1) / rows;
   parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
     // Work space reused by every block of this task: each layer's state and derivatives,
@@ -238,41 +239,52 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
     at::Tensor cols[2] = {at::empty({rows * C * n_max}, opt), at::empty({rows * C * n_max}, opt)};
     at::Tensor back[2] = {at::empty({rows * m * std::max(m, n_max)}, opt),
                           at::empty({rows * m * std::max(m, n_max)}, opt)};
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t b0 = c * rows, nb = std::min(rows, B - b0);
-      at::Tensor act;
+    // The views of the work space for a block of nb samples, made once per block size (a
+    // view costs about as much as a small kernel): per layer l its state z (and as rows
+    // for the GEMM), its output columns, s1, s2, T, and g_l = dy/da_l [nb, m, n_l] (and as
+    // rows), which lives in back[(L - 1 - l) % 2].
+    struct Views {
+      int64_t nb = -1;
+      std::vector<at::Tensor> z, z2, out, d1, d2, t, g, g2;
+    } v;
+    auto views_for = [&](int64_t nb) {
+      if (v.nb == nb) return;
+      v = Views{};
+      v.nb = nb;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t n = spec.widths[l];
-        at::Tensor z = st[l].narrow(0, 0, nb);
-        if (l == 0) {
-          at::mm_out(z, x.narrow(0, b0, nb), w0t_t);
-        } else {
-          at::Tensor z2 = z.view({nb * C, n});
-          at::mm_out(z2, act.view({nb * C, spec.widths[l - 1]}), net.weights[l].t());
-        }
-        at::Tensor out = cols[l % 2].narrow(0, 0, nb * C * n).view({nb, C, n});
-        stage_forward_into(k, net, Mode::None, l, z, out, s1[l].narrow(0, 0, nb),
-                           s2[l].narrow(0, 0, nb));
-        act = out;
+        v.z.push_back(st[l].narrow(0, 0, nb));
+        v.z2.push_back(l == 0 ? v.z[l] : v.z[l].view({nb * C, n}));
+        v.out.push_back(cols[l % 2].narrow(0, 0, nb * C * n).view({nb, C, n}));
+        v.d1.push_back(s1[l].narrow(0, 0, nb));
+        v.d2.push_back(s2[l].narrow(0, 0, nb));
+        v.t.push_back(l == 0 ? net.w0t : v.z[l].narrow(1, 1, d));
+        v.g.push_back(back[(L - 1 - l) % 2].narrow(0, 0, nb * m * n).view({nb, m, n}));
+        v.g2.push_back(v.g[l].view({nb * m, n}));
       }
-      at::Tensor v = value.narrow(0, b0, nb), j = jac.narrow(0, b0, nb);
+    };
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * rows, nb = std::min(rows, B - b0);
+      views_for(nb);
+      for (int64_t l = 0; l < L; ++l) {
+        if (l == 0) {
+          at::mm_out(v.z2[0], x.narrow(0, b0, nb), wt[0]);
+        } else {
+          at::mm_out(v.z2[l], v.out[l - 1].view({nb * C, spec.widths[l - 1]}), wt[l]);
+        }
+        stage_forward_into(k, net, Mode::None, l, v.z[l], v.out[l], v.d1[l], v.d2[l]);
+      }
+      at::Tensor val = value.narrow(0, b0, nb), jb = jac.narrow(0, b0, nb);
       at::Tensor no_hess;
-      k.unpack(Mode::None, d, act, v, j, no_hess);
+      k.unpack(Mode::None, d, v.out[L - 1], val, jb, no_hess);
       at::Tensor p = packed.narrow(0, b0, nb);
       p.zero_();
-      // g = dy_k/da_l for every output k: the identity at the top.
-      at::Tensor g = back[0].narrow(0, 0, nb * m * m).view({nb, m, m});
-      g.zero_();
-      g.diagonal(0, 1, 2).fill_(1);
+      // dy_k/da_{L-1} for every output k: the identity.
+      v.g[L - 1].zero_();
+      v.g[L - 1].diagonal(0, 1, 2).fill_(1);
       for (int64_t l = L - 1; l >= 0; --l) {
-        const at::Tensor t = l == 0 ? net.w0t : st[l].narrow(0, 0, nb).narrow(1, 1, d);
-        k.gram(spec.mode, g, s1[l].narrow(0, 0, nb), s2[l].narrow(0, 0, nb), t, p);
-        if (l > 0) {
-          const int64_t n_prev = spec.widths[l - 1];
-          at::Tensor next = back[(L - l) % 2].narrow(0, 0, nb * m * n_prev).view({nb * m, n_prev});
-          at::mm_out(next, g.view({nb * m, spec.widths[l]}), net.weights[l]);
-          g = next.view({nb, m, n_prev});
-        }
+        k.gram(spec.mode, v.g[l], v.d1[l], v.d2[l], v.t[l], p);
+        if (l > 0) at::mm_out(v.g2[l - 1], v.g2[l], net.weights[l]);
       }
     }
   });
