@@ -92,31 +92,44 @@ ForwardPass forward_blocked(const Kernels& k, const Net& net, Mode mode, const a
                                 : at::empty({B, C, spec.widths[l]}, x.options()));
     }
   }
-  const at::Tensor w0t_t = net.weights[0].t();
+  std::vector<at::Tensor> wt;  // W_l^T
+  for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t());
   const int64_t blocks = (B + rows - 1) / rows;
   parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
     // Work space reused by every block and layer of this task.
     at::Tensor buf[3] = {at::empty({rows * C * n_max}, x.options()),
                          at::empty({rows * C * n_max}, x.options()),
                          at::empty({rows * C * n_max}, x.options())};
+    // Views of it for a block of nb samples, made once per block size: per layer its
+    // state (unless kept) and its output columns (but the last layer's), also as rows.
+    int64_t views_nb = -1;
+    std::vector<at::Tensor> st_v, out_v, out_rows;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b0 = c * rows, nb = std::min(rows, B - b0);
-      at::Tensor act;
+      if (views_nb != nb) {
+        views_nb = nb;
+        st_v.clear();
+        out_v.clear();
+        out_rows.clear();
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t n = spec.widths[l];
+          st_v.push_back(l == 0 ? buf[2].narrow(0, 0, nb * n).view({nb, n})
+                                : buf[2].narrow(0, 0, nb * C * n).view({nb, C, n}));
+          out_v.push_back(buf[l % 2].narrow(0, 0, nb * C * n).view({nb, C, n}));
+          out_rows.push_back(out_v[l].view({nb * C, n}));
+        }
+      }
       for (int64_t l = 0; l < L; ++l) {
         const int64_t n = spec.widths[l];
-        at::Tensor st = keep_state ? fp.state[l].narrow(0, b0, nb)
-                                   : (l == 0 ? buf[2].narrow(0, 0, nb * n).view({nb, n})
-                                             : buf[2].narrow(0, 0, nb * C * n).view({nb, C, n}));
+        at::Tensor st = keep_state ? fp.state[l].narrow(0, b0, nb) : st_v[l];
         if (l == 0) {
-          at::mm_out(st, x.narrow(0, b0, nb), w0t_t);
+          at::mm_out(st, x.narrow(0, b0, nb), wt[0]);
         } else {
           at::Tensor st2 = st.view({nb * C, n});
-          at::mm_out(st2, act.view({nb * C, spec.widths[l - 1]}), net.weights[l].t());
+          at::mm_out(st2, out_rows[l - 1], wt[l]);
         }
-        at::Tensor out = l == L - 1 ? fp.out.narrow(0, b0, nb)
-                                    : buf[l % 2].narrow(0, 0, nb * C * n).view({nb, C, n});
+        at::Tensor out = l == L - 1 ? fp.out.narrow(0, b0, nb) : out_v[l];
         stage_forward_into(k, net, mode, l, st, out);
-        act = out;
       }
     }
   });
