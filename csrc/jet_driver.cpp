@@ -226,12 +226,13 @@ void mirror_blocks(at::Tensor& hess) {
   }
 }
 
-// Reverse-Gram (DESIGN.md §3), block by block (the CPU's way, as forward_blocked):
-// each block of samples goes forward through all layers keeping T, s1 and s2 of
-// each, then back with an ordinary backward pass of m columns, adding each layer's
-// Gram term to packed [B, m, Q]. value [B, m] and jac [B, m, d] come from the forward.
+// Reverse-Gram (DESIGN.md §3) with the Gram kernel, block by block (on the CPU, as
+// forward_blocked; blocks in parallel): each block of samples goes forward through all
+// layers keeping T, s1 and s2 of each, then back with an ordinary backward pass of m
+// columns, adding each layer's Gram term to packed [B, m, Q]. value [B, m] and jac
+// [B, m, d] come from the forward.
 void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x, int64_t rows,
-                          at::Tensor& value, at::Tensor& jac, at::Tensor& packed) {
+                          at::Tensor& value, at::Tensor& jac, const at::Tensor& packed) {
   const NetSpec& spec = net.spec;
   const int64_t B = spec.batch, d = spec.d, m = spec.m(), L = spec.n_layers(), C = 1 + d;
   const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
@@ -311,45 +312,35 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
   const NetSpec& spec = net.spec;
   const int64_t B = spec.batch, d = spec.d, m = spec.m(), Q = spec.pairs();
   const Mode mode = spec.mode;
-  // Large d, full Hessian: batched GEMMs over the whole batch; otherwise the Gram kernel.
-  const bool gemm = mode == Mode::Full && d > kGramKernelMaxD;
-  // The entries the Gram kernel sums into: the packed triangle (full), or hess itself.
-  at::Tensor packed = gemm ? at::Tensor()
-                           : mode == Mode::Full ? at::empty({B, m, Q}, x.options())
-                                                : hess.view({B, m, Q});
-  // Blocks sized as the forward jet's (one sample's columns at the widest layer); each
-  // block also keeps every layer's T, s1 and s2 for its way back.
-  const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
-  const int64_t rows =
-      (!gemm && k.rows_per_block) ? k.rows_per_block((1 + d) * n_max * x.element_size()) : B;
   if (B == 0) return;
-  if (rows < B) {
+  if (mode != Mode::Full || d <= kGramKernelMaxD) {
+    // The Gram kernel, summing into the packed triangle (full) or into hess itself. Blocks
+    // sized as the forward jet's (one sample's z and T at the widest layer) on the CPU; a
+    // backend without blocks takes the whole batch as one.
+    const at::Tensor packed =
+        mode == Mode::Full ? at::empty({B, m, Q}, x.options()) : hess.view({B, m, Q});
+    const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
+    const int64_t rows =
+        k.rows_per_block ? std::min(B, k.rows_per_block((1 + d) * n_max * x.element_size())) : B;
     reverse_gram_blocked(k, net, x, rows, value, jac, packed);
-  } else {
-    const ForwardPass fp = forward_pass(k, net, Mode::None, x, Keep::Gram);
-    value.copy_(fp.out.select(1, 0));
-    jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
-    if (!gemm) packed.zero_();
-    std::vector<std::pair<at::Tensor, at::Tensor>> terms;  // the GEMM path's (T_l, w_l)
-    // g = dy_k/da_l for every output k: the identity at the top.
-    at::Tensor g = at::eye(m, x.options()).unsqueeze(0).expand({B, m, m}).contiguous();
-    for (int64_t l = spec.n_layers() - 1; l >= 0; --l) {
-      const int64_t n = spec.widths[l];
-      const at::Tensor& tl = fp.jac[l];  // [B, d, n]
-      if (gemm) {
-        terms.emplace_back(l == 0 ? net.w0t : tl, (g * fp.s2[l].unsqueeze(1)).contiguous());
-        g.mul_(fp.s1[l].unsqueeze(1));
-      } else {
-        k.gram(mode, g, fp.s1[l], fp.s2[l], l == 0 ? net.w0t : tl, packed);
-      }
-      if (l > 0) g = at::mm(g.view({B * m, n}), net.weights[l]).view({B, m, spec.widths[l - 1]});
-    }
-    if (gemm) {
-      gram_blocks(terms, hess);
-      mirror_blocks(hess);
-    }
+    if (mode == Mode::Full) k.unpack_packed(d, packed.view({B * m, Q}), hess);
+    return;
   }
-  if (mode == Mode::Full && !gemm) k.unpack_packed(d, packed.view({B * m, Q}), hess);
+  // Large d, full Hessian: the whole batch, its Gram terms by batched GEMMs.
+  const ForwardPass fp = forward_pass(k, net, Mode::None, x, Keep::Gram);
+  value.copy_(fp.out.select(1, 0));
+  jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
+  std::vector<std::pair<at::Tensor, at::Tensor>> terms;  // (T_l, w_l)
+  // g = dy_k/da_l for every output k: the identity at the top.
+  at::Tensor g = at::eye(m, x.options()).unsqueeze(0).expand({B, m, m}).contiguous();
+  for (int64_t l = spec.n_layers() - 1; l >= 0; --l) {
+    const int64_t n = spec.widths[l];
+    terms.emplace_back(l == 0 ? net.w0t : fp.jac[l], (g * fp.s2[l].unsqueeze(1)).contiguous());
+    g.mul_(fp.s1[l].unsqueeze(1));
+    if (l > 0) g = at::mm(g.view({B * m, n}), net.weights[l]).view({B, m, spec.widths[l - 1]});
+  }
+  gram_blocks(terms, hess);
+  mirror_blocks(hess);
 }
 
 // The backward sweep (DESIGN.md §4) for samples b0 .. b0 + nb: adds their weight

@@ -256,7 +256,9 @@ HM_SIMD_CLONES void gram_rows_small(int64_t m, int64_t n, T* g, const T* s1, con
     std::memcpy(&v, p, sizeof(V));
     return v;
   };
-  // Entry q of one neuron (or pack): its weight w times the mode's product of T's rows.
+  // Entry q of one neuron (or pack): its weight w times the mode's product of T's rows, in
+  // gram_term's order, unrolled here by hand (calling gram_term leaves its pair search and
+  // the row array to run time: the vectors spill to the stack).
   auto terms = [](auto w, const auto* ta, auto* term) HM_INLINE {
     if constexpr (M == Mode::Full) {
       int q = 0;

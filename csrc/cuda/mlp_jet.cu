@@ -56,15 +56,6 @@ __global__ void gram_kernel(Mode mode, int64_t B, int64_t m, int64_t n, int64_t 
   }
 }
 
-// g[b, k, i] *= s1[b, i]: after the Gram kernel has read g.
-template <typename T>
-__global__ void scale_rows_kernel(int64_t B, int64_t m, int64_t n, T* g, const T* s1) {
-  HM_GRID_LOOP(idx, B * m * n) {
-    const int64_t i = idx % n, b = idx / (m * n);
-    g[idx] *= s1[b * n + i];
-  }
-}
-
 template <typename T>
 __global__ void unpack_packed_kernel(int64_t rows, int64_t d, const T* packed, T* hess) {
   const int64_t P = d * (d + 1) / 2;
@@ -117,10 +108,8 @@ void gram(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,
         mode, B, m, n, d, g.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
         shared ? 0 : t.stride(0), t.stride(-2), packed.data_ptr<scalar_t>(), packed.stride(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    scale_rows_kernel<scalar_t><<<blocks_for(B * m * n), kThreads, 0, stream>>>(
-        B, m, n, g.data_ptr<scalar_t>(), s1.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  g.mul_(s1.unsqueeze(1));  // dy/da becomes dy/dz, after the kernel has read g (same stream)
 }
 
 void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess) {
