@@ -5,6 +5,7 @@
 
 #include "../jet_driver.h"
 #include "lanes.h"
+#include "vmath.h"
 
 #include <algorithm>
 
@@ -33,7 +34,16 @@ inline bool fused_stage(const StageDesc& st) {
   return st.n_ops == 0 || (st.n_ops == 1 && is_smooth(st.codes[0]));
 }
 
-// For a fused stage: z + bias and the prims a, b (undefined when unused), [rows, n].
+// The fused stages whose transcendental values the jet passes compute lane by lane
+// (vmath.h) from z + bias: no arrays in memory at all. The others (gelu: erf; sin)
+// take them from vectorised ATen ops over the layer.
+inline bool lane_prims_code(int code) {
+  return code == ACT_IDENTITY || code == ACT_AFFINE || code == ACT_SQUARE || code == ACT_TANH ||
+         code == ACT_SIGMOID || code == ACT_SILU || code == ACT_GELU_TANH;
+}
+
+// For a fused stage: its code and parameters, and unless lane_prims_code(code),
+// z + bias and the prims a, b (undefined when unused), [rows, n].
 struct StagePrims {
   at::Tensor z, a, b;
   int code;
@@ -42,6 +52,20 @@ struct StagePrims {
 StagePrims stage_prims(const StageArgs& a);
 // The code and parameters of a fused stage, no tensors.
 StagePrims stage_prims_of(const StageDesc& st);
+
+// The prims of a lane_prims_code function at z (a lane), as act_prims gives them.
+template <int Code, typename L>
+inline HM_INLINE Prims<L> lane_prims(const L& z) {
+  if constexpr (Code == ACT_TANH) {
+    return {lane_tanh(z), L(0)};
+  } else if constexpr (Code == ACT_SIGMOID || Code == ACT_SILU) {
+    return {lane_sigmoid(z), L(0)};
+  } else if constexpr (Code == ACT_GELU_TANH) {
+    return {lane_tanh(L(kGeluK0) * (z + L(kGeluK1) * z * z * z)), L(0)};
+  } else {
+    return {L(0), L(0)};
+  }
+}
 
 // Calls body(std::integral_constant<int, code>) for the code of a fused stage.
 template <typename Body>
@@ -60,37 +84,55 @@ inline HM_INLINE void with_smooth_code(int code, Body&& body) {
 }
 
 // Where a lane's derivatives come from: derivative arrays D [4, N] (any stage), or
-// z + bias and prims (fused stages, Code known at compile time).
+// for fused stages (Code known at compile time) z + bias and prims arrays, or the
+// stage's input rows and bias alone (lane_prims_code: the prims computed here).
 template <typename T>
 struct DerivSource {
   const T* d;            // D, or null
-  int64_t N;
-  const T *z, *pa, *pb;  // fused
+  int64_t N, n;          // B * n, and n
+  const T *z, *pa, *pb;  // z + bias and prims [B, n], or null
+  const T* zr;           // else: z before the bias, rows zr_stride apart, and the bias (or null)
+  int64_t zr_stride;
+  const T* bias;
   T p0, p1;
 
   template <int Code, typename L>
-  inline __attribute__((always_inline)) Derivs<L> at(int64_t r) const {
+  inline __attribute__((always_inline)) Derivs<L> at(int64_t b, int64_t i) const {
+    const int64_t r = b * n + i;
     if (d) {
       return Derivs<L>{lane_load<L>(d, r), lane_load<L>(d + N, r), lane_load<L>(d + 2 * N, r),
                        lane_load<L>(d + 3 * N, r)};
     }
-    const Prims<L> pr{pa ? lane_load<L>(pa, r) : L(0), pb ? lane_load<L>(pb, r) : L(0)};
-    return smooth_from_prims<Code, L>(L(p0), L(p1), lane_load<L>(z, r), pr);
+    if (z) {
+      const Prims<L> pr{pa ? lane_load<L>(pa, r) : L(0), pb ? lane_load<L>(pb, r) : L(0)};
+      return smooth_from_prims<Code, L>(L(p0), L(p1), lane_load<L>(z, r), pr);
+    }
+    L zb = lane_load<L>(zr + b * zr_stride, i);
+    if (bias) zb = zb + lane_load<L>(bias, i);
+    return smooth_from_prims<Code, L>(L(p0), L(p1), zb, lane_prims<Code, L>(zb));
   }
 };
 
 template <typename T>
-DerivSource<T> derivs_source(const at::Tensor& D, const StagePrims& p, int64_t N) {
+DerivSource<T> derivs_source(const at::Tensor& D, const StagePrims& p, const StageInput<T>& in,
+                             int64_t batch, int64_t n) {
   DerivSource<T> src{};
-  src.N = N;
+  src.N = batch * n;
+  src.n = n;
   if (D.defined()) {
     src.d = D.data_ptr<T>();
-  } else {
+    return src;
+  }
+  src.p0 = static_cast<T>(p.p0);
+  src.p1 = static_cast<T>(p.p1);
+  if (p.z.defined()) {
     src.z = p.z.data_ptr<T>();
     src.pa = p.a.defined() ? p.a.data_ptr<T>() : nullptr;
     src.pb = p.b.defined() ? p.b.data_ptr<T>() : nullptr;
-    src.p0 = static_cast<T>(p.p0);
-    src.p1 = static_cast<T>(p.p1);
+  } else {
+    src.zr = in.z;
+    src.zr_stride = in.z_stride;
+    src.bias = in.bias;
   }
   return src;
 }
@@ -110,7 +152,7 @@ inline __attribute__((always_inline)) void for_stage_lanes(
     T* g = cols + b * C * n;
     for_each_lane<T>(n, [&](auto lane, int64_t i) HM_INLINE {
       using L = decltype(lane);
-      fn(src.template at<Code, L>(b * n + i), lane_ptr<L>(t, i), lane_ptr<L>(s, i), lane_ptr<L>(g, i),
+      fn(src.template at<Code, L>(b, i), lane_ptr<L>(t, i), lane_ptr<L>(s, i), lane_ptr<L>(g, i),
          b * n + i);
     });
   }
@@ -125,14 +167,15 @@ inline at::Tensor stage_derivs_cached(const StageArgs& a) {
 }
 
 inline StagePrims stage_prims_cached(const StageArgs& a) {
+  StagePrims p = stage_prims_of(a.stage);
+  if (lane_prims_code(p.code)) return p;  // nothing to compute or keep
   if (a.cache && a.cache->t[0].defined()) {
-    StagePrims p = stage_prims_of(a.stage);
     p.z = a.cache->t[0];
     p.a = a.cache->t[1];
     p.b = a.cache->t[2];
     return p;
   }
-  StagePrims p = stage_prims(a);
+  p = stage_prims(a);
   if (a.cache) *a.cache = StageCache{{p.z, p.a, p.b}};
   return p;
 }

@@ -145,7 +145,7 @@ void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tens
   if (!fused && s2.defined()) s2.copy_(D[2]);
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
-    const DerivSource<scalar_t> src = derivs_source<scalar_t>(D, pr, a.batch * n);
+    const DerivSource<scalar_t> src = derivs_source<scalar_t>(D, pr, in, a.batch, n);
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* s1p = fused && s1.defined() ? s1.data_ptr<scalar_t>() : nullptr;
     scalar_t* s2p = fused && s2.defined() ? s2.data_ptr<scalar_t>() : nullptr;

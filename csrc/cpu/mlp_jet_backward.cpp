@@ -36,7 +36,7 @@ void stage_adjoint(const StageArgs& a, at::Tensor& g) {
   const StagePrims pr = fused ? stage_prims_cached(a) : StagePrims{};
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_adjoint_cpu", [&] {
     const StageInput<scalar_t> in = stage_input<scalar_t>(a);
-    const DerivSource<scalar_t> src = derivs_source<scalar_t>(D, pr, a.batch * n);
+    const DerivSource<scalar_t> src = derivs_source<scalar_t>(D, pr, in, a.batch, n);
     scalar_t* gp = g.data_ptr<scalar_t>();
     const int code = fused ? pr.code : ACT_IDENTITY;
     at::parallel_for(0, a.batch, grain_for(C * n), [&](int64_t b0, int64_t b1) {
