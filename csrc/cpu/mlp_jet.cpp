@@ -238,6 +238,27 @@ HM_SIMD_CLONES void gram_rows(Mode mode, int64_t d, int64_t m, int64_t n, T* g, 
   }
 }
 
+// A GCC vector of N bytes of T.
+template <typename T, int N>
+struct Vec {
+  typedef T type __attribute__((vector_size(N)));
+};
+
+// The sum of a vector's entries: halves added down to 16 bytes, then those entries.
+template <typename T, int N>
+inline HM_INLINE T vec_sum(const typename Vec<T, N>::type& v) {
+  if constexpr (N <= 16) {
+    T s = v[0];
+    for (int e = 1; e < static_cast<int>(N / sizeof(T)); ++e) s += v[e];
+    return s;
+  } else {
+    typename Vec<T, N / 2>::type lo, hi;
+    std::memcpy(&lo, &v, N / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + N / 2, N / 2);
+    return vec_sum<T, N / 2>(lo + hi);
+  }
+}
+
 // The same for d = D <= kGramSmallD, with the mode M fixed too: one pass over the
 // neurons with every entry's partial sums in registers (and g *= s1 in that pass).
 constexpr int64_t kGramSmallD = 4;
@@ -249,7 +270,7 @@ HM_SIMD_CLONES void gram_rows_small(int64_t m, int64_t n, T* g, const T* s1, con
   constexpr int Q = M == Mode::Full ? D * (D + 1) / 2 : M == Mode::Diag ? D : 1;
   // A GCC vector of 64 bytes: zmm, two ymm or four xmm registers by the clone's target
   // (arrays of Packs here would live on the stack).
-  typedef T V __attribute__((vector_size(64)));
+  using V = typename Vec<T, 64>::type;
   constexpr int64_t K = 64 / sizeof(T);
   auto load = [](const T* p) HM_INLINE {
     V v;
@@ -303,11 +324,7 @@ HM_SIMD_CLONES void gram_rows_small(int64_t m, int64_t n, T* g, const T* s1, con
         for (int q = 0; q < Q; ++q) tail[q] += term[q];
       }
       T* pk = packed + b * pb_stride + k * Q;
-      for (int q = 0; q < Q; ++q) {
-        T sum = tail[q];
-        for (int64_t e = 0; e < K; ++e) sum += acc[q][e];
-        pk[q] += sum;
-      }
+      for (int q = 0; q < Q; ++q) pk[q] += tail[q] + vec_sum<T, sizeof(V)>(acc[q]);
     }
   }
 }
