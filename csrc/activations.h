@@ -56,9 +56,11 @@ HM_HD T hm_sigmoid(T z) {
   return e / (T(1) + e);
 }
 
-// The transcendental values a function needs at z (unused ones are 0). The CPU
-// computes them for a whole layer at once with vectorised ATen ops
-// (csrc/cpu/derivs.cpp), the GPU per thread here; act_from_prims does the rest.
+// The transcendental values a function needs at z (unused ones are 0). The GPU
+// computes them per thread here. The CPU's jet passes compute those of tanh and the
+// sigmoid family lane by lane (csrc/cpu/vmath.h, kernels.h), and the others for a
+// whole layer with vectorised ATen ops (csrc/cpu/mlp_jet.cpp, prims_of); act_from_prims
+// does the rest.
 //   tanh: a = tanh z                  sigmoid, silu: a = sigmoid z
 //   softplus: a = sigmoid(beta z), b = softplus z      gelu: a = erf(z/sqrt 2), b = exp(-z^2/2)
 //   gelu_tanh: a = tanh(k0 (z + k1 z^3))              elu: a = exp(min(z, 0))

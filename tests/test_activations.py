@@ -89,3 +89,74 @@ def test_stage_derivs_rejects_bad_codes():
 def test_stage_derivs_rejects_too_many_functions():
     with pytest.raises(ValueError, match="at most 8 activation codes"):
         torch.ops.hessmlp.stage_derivs(torch.zeros(3), [2] * 9, [0.0] * 18)
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, h):
+        return self.f(h)
+
+
+def _module(a: Act) -> torch.nn.Module:
+    nn = torch.nn
+    return {
+        "identity": lambda: nn.Identity(),
+        "affine": lambda: _Fn(lambda h: a.p0 * h + a.p1),
+        "tanh": lambda: nn.Tanh(),
+        "sigmoid": lambda: nn.Sigmoid(),
+        "softplus": lambda: nn.Softplus(beta=a.p0, threshold=a.p1),
+        "silu": lambda: nn.SiLU(),
+        "gelu": lambda: nn.GELU(),
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "relu": lambda: nn.ReLU(),
+        "leaky_relu": lambda: nn.LeakyReLU(a.p0),
+        "elu": lambda: nn.ELU(alpha=a.p0),
+        "sin": lambda: hessmlp.Sine(a.p0),
+        "square": lambda: _Fn(lambda h: h * h),
+    }[a.name]()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+@pytest.mark.parametrize("stage", [s for s in CASES if len(s) == 1], ids=lambda s: s[0].name)
+def test_jet_passes_match_autograd_per_neuron(stage, method, dtype):
+    # The CPU's jet passes evaluate a stage's functions themselves, lane by lane (tanh and
+    # the sigmoid family in csrc/cpu/vmath.h) from the Linear's output and bias: one
+    # neuron per point here (bias = z; 16 or 8 neurons a pack, the rest one at a time),
+    # out to where exp overflows and underflows.
+    z = _points(torch.float64)
+    lane_math = stage[0].name in ("identity", "affine", "square", "tanh", "sigmoid", "silu",
+                                  "gelu_tanh")
+    if lane_math:
+        z = torch.cat([z, torch.tensor([-88.0, 88.0, -100.0, 100.0, -709.0, 709.0, -1e4, 1e4,
+                                        2.0 ** -30, -(2.0 ** -30), 17.0, -17.0],
+                                       dtype=torch.float64)])
+    n = z.numel()
+    first = torch.nn.Linear(1, n).double()
+    last = torch.nn.Linear(n, n, bias=False).double()
+    with torch.no_grad():
+        first.weight.fill_(1.0)
+        first.bias.copy_(z)
+        last.weight.copy_(torch.eye(n, dtype=torch.float64))
+    layers = [first, _module(stage[0]), last]
+    model = torch.nn.Sequential(*layers).to(dtype)
+    jet = hessmlp.jet(model, torch.zeros(2, 1, dtype=dtype), hessian="full", method=method)
+    ref = stage_derivatives(stage, z.to(dtype).double())  # at the points the model sees
+    keep = torch.ones(n, dtype=torch.bool)
+    if stage[0].name == "softplus" and dtype == torch.float32:
+        # At its threshold softplus switches branch: float32's rounding of beta * z and of the
+        # threshold picks a side there as PyTorch's float32 does, not as float64 does.
+        keep = (stage[0].p0 * z - stage[0].p1).abs() > 1e-5
+    for order, got in enumerate((jet.value[0], jet.jacobian[0, :, 0], jet.hessian[0, :, 0, 0])):
+        ok = torch.isfinite(ref[order]) & keep
+        r = ref[order][ok]
+        err = ((got[ok].double() - r).abs() / r.abs().clamp_min(1.0)).max().item()
+        # The functions the CPU evaluates itself: within a few hundred units in the last
+        # place of float64 (a poor approximation fails), the others at the usual tolerance.
+        tol = ({torch.float64: 1e-13, torch.float32: 1e-5}[dtype] if lane_math else
+               RTOL[dtype] * (30.0 if stage[0].name == "sin" and dtype == torch.float32 else 1.0))
+        assert err <= tol, f"{stage[0].name} order {order}: error {err:.3e} > {tol:.3e}"
+        assert torch.isfinite(got).all()
