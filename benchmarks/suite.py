@@ -96,18 +96,25 @@ def agree(model64, model32, x, mode, output=None):
 
 
 def gemm_floor_fn(B, d, widths, mode, method, dtype, train=False):
-    """The products with the weight matrices that hessmlp's call performs, as one function."""
+    """The products with the weight matrices that hessmlp's call performs, as one function
+    (for the suite's models, whose last Linear has no activation after it)."""
     P = {"full": d * (d + 1) // 2, "diag": d, "trace": 1, "none": 0}[mode]
     m = widths[-1]
     C = 1 + d + (P if method == "forward" else 0)
     shapes = [(B, d, widths[0])] + [(B * C, widths[l - 1], widths[l]) for l in range(1, len(widths))]
     bmats = []
     if method == "reverse":
+        # A linear last stage: the output layer takes the value column alone, and the
+        # Jacobian comes from the backward pass (csrc/jet_driver.cpp, value_only_top).
+        if len(widths) >= 2:
+            shapes[-1] = (B, widths[-2], widths[-1])
+            shapes.append((B * m, widths[0], d))
         shapes += [(B * m, widths[l], widths[l - 1]) for l in range(len(widths) - 1, 0, -1)]
         if mode == "full" and d > _cost.GRAM_LOOP_MAX_D:
             # One triangle of blocks of each layer's Gram (csrc/jet_driver.cpp, gram_blocks).
             bs = (d + 3) // 4
-            for l, n in enumerate(widths):
+            for l, n in enumerate(widths[:-1] if len(widths) >= 2 else widths):  # (no Gram term
+                # for the linear last stage)
                 for i0 in range(0, d, bs):
                     ni = min(bs, d - i0)
                     if l == 0:  # T_0 = W_0, shared by all samples

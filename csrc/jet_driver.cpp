@@ -35,6 +35,14 @@ void parallel_blocks(int64_t blocks, const Body& body) {
 
 enum class Keep { Nothing, Gram, State };
 
+// A stage of affine functions only (or none): its second derivative is 0.
+bool is_linear(const StageDesc& st) {
+  for (int k = 0; k < st.n_ops; ++k) {
+    if (st.codes[k] != ACT_IDENTITY && st.codes[k] != ACT_AFFINE) return false;
+  }
+  return true;
+}
+
 struct ForwardPass {
   at::Tensor out;                 // [B, 1 + d + P, m]  columns after the last stage
   // Keep::Gram, per Linear l: dz_l/dx [B, d, n_l] (layer 0: W_0^T expanded) and s1, s2 [B, n_l].
@@ -52,9 +60,17 @@ struct Net {
   at::Tensor w0t;  // W_0^T [d, n_0], contiguous: T at layer 0 for every sample
 
   StageArgs stage(Mode mode, int64_t l, const at::Tensor& state, const at::Tensor& bias,
-                  StageCache* cache = nullptr) const {
-    return StageArgs{mode, state.size(0), spec.widths[l], spec.d, state, w0t, bias, l == 0,
-                     stage_desc(spec, l, act_codes, act_params), cache};
+                  StageCache* cache = nullptr, bool value_only = false) const {
+    return StageArgs{mode, state.size(0), spec.widths[l], value_only ? 0 : spec.d, state, w0t,
+                     bias, l == 0, stage_desc(spec, l, act_codes, act_params), cache};
+  }
+
+  // Reverse-Gram with a linear last stage (L >= 2): its Gram term is 0, so the output
+  // layer needs the value alone, and so does the stage before it; the Jacobian comes
+  // from the backward pass (dy/dx = dy/dz_0 W_0) instead.
+  bool value_only_top() const {
+    const int64_t L = spec.n_layers();
+    return L >= 2 && is_linear(stage_desc(spec, L - 1, act_codes, act_params));
   }
 };
 
@@ -62,9 +78,11 @@ struct Net {
 // `state`), written into out [rows, C, n]; its derivatives s1, s2 [rows, n] too where defined.
 void stage_forward_into(const Kernels& k, const Net& net, Mode mode, int64_t l,
                         const at::Tensor& state, at::Tensor& out, at::Tensor s1 = {},
-                        at::Tensor s2 = {}, StageCache* cache = nullptr) {
+                        at::Tensor s2 = {}, StageCache* cache = nullptr, bool value_only = false) {
   const at::Tensor bias = bias_of(net.biases, l);
-  if (state.size(0) > 0) k.stage_forward(net.stage(mode, l, state, bias, cache), out, s1, s2);
+  if (state.size(0) > 0) {
+    k.stage_forward(net.stage(mode, l, state, bias, cache, value_only), out, s1, s2);
+  }
 }
 
 at::Tensor stage_forward(const Kernels& k, const Net& net, Mode mode, int64_t l,
@@ -147,18 +165,25 @@ ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::
     if (rows < B) return forward_blocked(k, net, mode, x, keep == Keep::State, rows);
   }
   ForwardPass fp;
+  const int64_t L = spec.n_layers();
+  // Keep::Gram with a linear last stage: the last two stages give the value alone.
+  const bool top = keep == Keep::Gram && net.value_only_top();
   at::Tensor act;  // [B, C, n_l]: the columns after stage l
-  for (int64_t l = 0; l < spec.n_layers(); ++l) {
+  for (int64_t l = 0; l < L; ++l) {
     const int64_t n = spec.widths[l];
     // Layer 0: z_0 = x W_0^T (the bias is added in the stage), T_0 = W_0, S_0 = 0.
     const at::Tensor state =
         l == 0 ? at::mm(x, net.weights[0].t())
-               : at::mm(act.view({B * C, spec.widths[l - 1]}), net.weights[l].t()).view({B, C, n});
+               : at::mm(act.view({B * act.size(1), spec.widths[l - 1]}), net.weights[l].t())
+                     .view({B, act.size(1), n});
     if (keep == Keep::Gram) {
+      const bool value_only = top && l >= L - 2;
       const at::Tensor s1 = at::empty({B, n}, x.options()), s2 = at::empty({B, n}, x.options());
-      act = at::empty({B, C, n}, x.options());
-      stage_forward_into(k, net, mode, l, state, act, s1, s2);
-      fp.jac.push_back(l == 0 ? net.w0t.unsqueeze(0).expand({B, d, n}) : state.narrow(1, 1, d));
+      act = at::empty({B, value_only ? 1 : C, n}, x.options());
+      stage_forward_into(k, net, mode, l, state, act, s1, s2, nullptr, value_only);
+      fp.jac.push_back(l == 0                  ? net.w0t.unsqueeze(0).expand({B, d, n})
+                       : state.size(1) == 1 + d ? state.narrow(1, 1, d)
+                                                : at::Tensor());
       fp.s1.push_back(s1);
       fp.s2.push_back(s2);
     } else {
@@ -239,6 +264,11 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
   const at::TensorOptions opt = x.options();
   std::vector<at::Tensor> wt;  // W_l^T
   for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t());
+  // With a linear last stage the last two stages give the value alone (Net::value_only_top):
+  // columns of layer l's state and of its stage's output.
+  const bool top = net.value_only_top();
+  auto state_cols = [&](int64_t l) { return top && l == L - 1 ? 1 : C; };
+  auto out_cols = [&](int64_t l) { return top && l >= L - 2 ? 1 : C; };
   const int64_t blocks = (B + rows - 1) / rows;
   parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
     // Work space reused by every block of this task: each layer's state and derivatives,
@@ -246,7 +276,7 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
     std::vector<at::Tensor> st, s1, s2;
     for (int64_t l = 0; l < L; ++l) {
       const int64_t n = spec.widths[l];
-      st.push_back(l == 0 ? at::empty({rows, n}, opt) : at::empty({rows, C, n}, opt));
+      st.push_back(l == 0 ? at::empty({rows, n}, opt) : at::empty({rows, state_cols(l), n}, opt));
       s1.push_back(at::empty({rows, n}, opt));
       s2.push_back(at::empty({rows, n}, opt));
     }
@@ -268,11 +298,11 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
       for (int64_t l = 0; l < L; ++l) {
         const int64_t n = spec.widths[l];
         v.z.push_back(st[l].narrow(0, 0, nb));
-        v.z2.push_back(l == 0 ? v.z[l] : v.z[l].view({nb * C, n}));
-        v.out.push_back(cols[l % 2].narrow(0, 0, nb * C * n).view({nb, C, n}));
+        v.z2.push_back(l == 0 ? v.z[l] : v.z[l].view({nb * state_cols(l), n}));
+        v.out.push_back(cols[l % 2].narrow(0, 0, nb * out_cols(l) * n).view({nb, out_cols(l), n}));
         v.d1.push_back(s1[l].narrow(0, 0, nb));
         v.d2.push_back(s2[l].narrow(0, 0, nb));
-        v.t.push_back(l == 0 ? net.w0t : v.z[l].narrow(1, 1, d));
+        v.t.push_back(l == 0 ? net.w0t : state_cols(l) == C ? v.z[l].narrow(1, 1, d) : at::Tensor());
         v.g.push_back(back[(L - 1 - l) % 2].narrow(0, 0, nb * m * n).view({nb, m, n}));
         v.g2.push_back(v.g[l].view({nb * m, n}));
       }
@@ -284,21 +314,34 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
         if (l == 0) {
           at::mm_out(v.z2[0], x.narrow(0, b0, nb), wt[0]);
         } else {
-          at::mm_out(v.z2[l], v.out[l - 1].view({nb * C, spec.widths[l - 1]}), wt[l]);
+          at::mm_out(v.z2[l], v.out[l - 1].view({nb * out_cols(l - 1), spec.widths[l - 1]}), wt[l]);
         }
-        stage_forward_into(k, net, Mode::None, l, v.z[l], v.out[l], v.d1[l], v.d2[l]);
+        stage_forward_into(k, net, Mode::None, l, v.z[l], v.out[l], v.d1[l], v.d2[l], nullptr,
+                           out_cols(l) == 1);
       }
       at::Tensor val = value.narrow(0, b0, nb), jb = jac.narrow(0, b0, nb);
-      at::Tensor no_hess;
-      k.unpack(Mode::None, d, v.out[L - 1], val, jb, no_hess);
+      if (top) {
+        val.copy_(v.out[L - 1].select(1, 0));
+      } else {
+        at::Tensor no_hess;
+        k.unpack(Mode::None, d, v.out[L - 1], val, jb, no_hess);
+      }
       at::Tensor p = packed.narrow(0, b0, nb);
       p.zero_();
       // dy_k/da_{L-1} for every output k: the identity.
       v.g[L - 1].zero_();
       v.g[L - 1].diagonal(0, 1, 2).fill_(1);
       for (int64_t l = L - 1; l >= 0; --l) {
-        k.gram(spec.mode, v.g[l], v.d1[l], v.d2[l], v.t[l], p);
+        if (top && l == L - 1) {
+          v.g[l].mul_(v.d1[l].unsqueeze(1));  // a linear stage: no Gram term
+        } else {
+          k.gram(spec.mode, v.g[l], v.d1[l], v.d2[l], v.t[l], p);
+        }
         if (l > 0) at::mm_out(v.g2[l - 1], v.g2[l], net.weights[l]);
+      }
+      if (top) {  // dy/dx = dy/dz_0 W_0
+        at::Tensor jb2 = jb.view({nb * m, d});
+        at::mm_out(jb2, v.g2[0], net.weights[0]);
       }
     }
   });
@@ -328,16 +371,24 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
   }
   // Large d, full Hessian: the whole batch, its Gram terms by batched GEMMs.
   const ForwardPass fp = forward_pass(k, net, Mode::None, x, Keep::Gram);
+  const bool top = net.value_only_top();  // then the Jacobian comes from the backward pass
   value.copy_(fp.out.select(1, 0));
-  jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
+  if (!top) jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
   std::vector<std::pair<at::Tensor, at::Tensor>> terms;  // (T_l, w_l)
   // g = dy_k/da_l for every output k: the identity at the top.
   at::Tensor g = at::eye(m, x.options()).unsqueeze(0).expand({B, m, m}).contiguous();
-  for (int64_t l = spec.n_layers() - 1; l >= 0; --l) {
+  const int64_t L = spec.n_layers();
+  for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t n = spec.widths[l];
-    terms.emplace_back(l == 0 ? net.w0t : fp.jac[l], (g * fp.s2[l].unsqueeze(1)).contiguous());
+    if (!(top && l == L - 1)) {  // (a linear stage has no Gram term)
+      terms.emplace_back(l == 0 ? net.w0t : fp.jac[l], (g * fp.s2[l].unsqueeze(1)).contiguous());
+    }
     g.mul_(fp.s1[l].unsqueeze(1));
     if (l > 0) g = at::mm(g.view({B * m, n}), net.weights[l]).view({B, m, spec.widths[l - 1]});
+  }
+  if (top) {  // dy/dx = dy/dz_0 W_0
+    at::Tensor jac2 = jac.view({B * m, d});
+    at::mm_out(jac2, g.view({B * m, spec.widths[0]}), net.weights[0]);
   }
   gram_blocks(terms, hess);
   mirror_blocks(hess);

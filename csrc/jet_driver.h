@@ -27,7 +27,8 @@ struct StageCache {
 struct StageArgs {
   Mode mode;
   int64_t batch, n, d;
-  const at::Tensor& state;  // l = 0: [B, n] (z only); l > 0: [B, 1 + d + P, n]
+  const at::Tensor& state;  // l = 0: [B, n] (z only); l > 0: [B, 1 + d + P, n] (P = 0 for mode
+                            // none, where d may also be 0 with a wider state: the value alone)
   const at::Tensor& w0t;    // [d, n]: T at layer 0 (W_0^T), read only when first
   const at::Tensor& bias;   // [n] or undefined
   bool first;               // layer 0: T = w0t for every sample, S = 0
@@ -41,7 +42,8 @@ struct StageArgs {
 // Where the input of a stage lives, as the kernels read it.
 template <typename T>
 StageInput<T> stage_input(const StageArgs& a) {
-  const int64_t C = 1 + a.d + n_pairs(a.mode, a.d);
+  // Columns per sample of the state (the stage may use fewer: d = 0 for the value alone).
+  const int64_t C = a.first ? 1 : a.state.size(1);
   const T* zp = a.state.data_ptr<T>();
   StageInput<T> in;
   in.z = zp;

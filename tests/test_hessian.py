@@ -130,14 +130,49 @@ def test_blocked_batches_match_small_calls(mode, method, dtype):
         assert_rel_close(whole.hessian[:300], ref, dtype, f"{mode} vs torch.func")
 
 
+@pytest.mark.parametrize("final_act", [True, False])
 @pytest.mark.parametrize("d", [7, 13, 16, 17, 23, 40])
-def test_reverse_gram_block_triangle(d):
+def test_reverse_gram_block_triangle(d, final_act):
     """Up to d = 16 reverse-Gram's Gram kernel, above it batched GEMMs over one triangle of
     blocks, mirrored."""
-    model = random_mlp(d, [24, 17], 3, ACT["gelu"], seed=d, final_act=True)
+    model = random_mlp(d, [24, 17], 3, ACT["gelu"], seed=d, final_act=final_act)
     x = torch.randn(5, d, dtype=torch.float64)
     ref = func_reference(model, x)[2]
     got = hessmlp.hessian(model, x, method="reverse")
     assert_rel_close(got, ref, torch.float64, f"reverse d={d}")
     # Off-diagonal blocks are mirrored exactly, diagonal blocks are symmetric up to rounding.
     assert_rel_close(got, got.transpose(-1, -2).contiguous(), torch.float64, "symmetry")
+
+
+class _Affine(nn.Module):
+    def forward(self, h):
+        return 2.0 * h - 0.5
+
+
+@pytest.mark.parametrize("d", [3, 20])
+@pytest.mark.parametrize("m", [1, 3])
+def test_reverse_gram_with_linear_last_stage(d, m):
+    """Reverse-Gram with a linear last stage (none, or affine) skips that stage's Gram term,
+    gives the last two stages the value alone and takes the Jacobian from its backward pass
+    (dy/dx = dy/dz_0 W_0); with a nonlinear one it does not. One and two Linear layers too."""
+    models = [
+        nn.Sequential(nn.Linear(d, m)),
+        nn.Sequential(nn.Linear(d, 7), nn.Tanh()),
+        nn.Sequential(nn.Linear(d, 9), nn.Tanh(), nn.Linear(9, m)),
+        nn.Sequential(nn.Linear(d, 9), nn.Tanh(), nn.Linear(9, m), _Affine()),
+        nn.Sequential(nn.Linear(d, 9), nn.Tanh(), nn.Linear(9, m), nn.Sigmoid()),
+        nn.Sequential(nn.Linear(d, 33), nn.SiLU(), nn.Linear(33, 17), nn.Tanh(),
+                      nn.Linear(17, m, bias=False), _Affine()),
+    ]
+    for i, model in enumerate(models):
+        torch.manual_seed(i)
+        model = model.double()
+        x = torch.randn(40, d, dtype=torch.float64)
+        value, jac, hess = func_reference(model, x)
+        diag = hess.diagonal(dim1=-2, dim2=-1)
+        for mode, part in (("full", hess), ("diag", diag), ("trace", diag.sum(-1))):
+            r = hessmlp.jet(model, x, hessian=mode, method="reverse")
+            tag = f"model {i} d={d} m={m} {mode}"
+            assert_rel_close(r.value, value, torch.float64, f"value {tag}")
+            assert_rel_close(r.jacobian, jac, torch.float64, f"jacobian {tag}")
+            assert_rel_close(r.hessian, part, torch.float64, f"hessian {tag}")
