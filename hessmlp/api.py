@@ -128,8 +128,8 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         method = _cost.choose_method(d, widths, mode)
         if mode != "none" and method == "forward":
             # Prefer whichever fits when the cheaper one would not.
-            free = None if torch.compiler.is_compiling() else _cost.available_bytes(xb.device)
-            if free is not None and _cost.working_bytes(B, d, widths, mode, "forward", itemsize) > free:
+            need = _cost.working_bytes(B, d, widths, mode, "forward", itemsize)
+            if not _fits(need, xb.device):
                 method = "reverse"
     biases = net.biases
     if save and any(b is None for b in biases) and any(b is not None for b in biases):
@@ -211,13 +211,25 @@ def _rows_per_call(B, d, widths, mode, method, x, save) -> int:
     return rows
 
 
+# A call that needs less than this does not ask the system for its free memory (reading
+# /proc/meminfo costs more than such a call on the CPU).
+_SMALL_CALL_BYTES = 32 << 20
+
+
+def _fits(need: int, device: torch.device) -> bool:
+    """Whether ``need`` bytes fit in the free memory of ``device`` (True when it cannot be
+    told: inside compiled code, where free memory is a run-time fact)."""
+    if need < _SMALL_CALL_BYTES or torch.compiler.is_compiling():
+        return True
+    free = _cost.available_bytes(device)
+    return free is None or need <= free
+
+
 def _check_size(B, d, widths, mode, method, x, output, save) -> None:
-    if torch.compiler.is_compiling():
-        return  # free memory is a run-time fact; the compiled graph cannot ask for it
     need = _cost.working_bytes(B, d, widths, mode, method, x.element_size(), save)
-    free = _cost.available_bytes(x.device)
-    if free is None or need <= free:
+    if _fits(need, x.device):
         return
+    free = _cost.available_bytes(x.device)
     m = widths[-1]
     hint = ("pass a smaller batch, or set hessmlp.set_memory_budget(nbytes) to have hessmlp "
             "compute it in chunks")

@@ -130,11 +130,29 @@ def test_non_contiguous_weights():
 
 
 def test_huge_request_is_refused_before_allocating(monkeypatch, model):
+    from hessmlp import api
     monkeypatch.setattr(_cost, "available_bytes", lambda device: 10_000)
+    monkeypatch.setattr(api, "_SMALL_CALL_BYTES", 0)  # every call asks (see the next test)
     with pytest.raises(MemoryError, match=r"needs about .* GiB .* output=k .* smaller batch"):
         hessmlp.hessian(model, torch.zeros(1000, 3, dtype=f64))
     with pytest.raises(MemoryError, match="smaller batch"):
         hessmlp.hessian(model, torch.zeros(1000, 3, dtype=f64), output=0)
+
+
+def test_small_calls_do_not_ask_for_free_memory(monkeypatch, model):
+    # Reading /proc/meminfo costs more than a small call: only calls that need 32 MiB or
+    # more ask for the free memory.
+    from hessmlp import api
+
+    def refuse(device):
+        raise AssertionError("a small call asked for the free memory")
+
+    monkeypatch.setattr(_cost, "available_bytes", refuse)
+    for method in ("auto", "forward", "reverse"):
+        hessmlp.hessian(model, torch.zeros(64, 3, dtype=f64), method=method)
+    big = 2 * api._SMALL_CALL_BYTES // (8 * 3 * 3)  # samples whose Hessians alone need 64 MiB
+    with pytest.raises(AssertionError, match="asked for the free memory"):
+        hessmlp.hessian(model, torch.zeros(big, 3, dtype=f64))
 
 
 def test_huge_forum_case_is_refused():
