@@ -102,27 +102,26 @@ inline HM_INLINE T sigmoid_elem(T z) {
   return z < T(0) ? e * s : s;
 }
 
-// The same on a lane: a scalar, or each neuron of a Pack (a loop the compiler vectorises).
-template <typename L>
-inline HM_INLINE L lane_tanh(const L& z) {
+// f on a lane: a scalar, or each neuron of a Pack (a loop the compiler vectorises).
+template <typename L, typename F>
+inline HM_INLINE L lane_map(const L& z, F&& f) {
   if constexpr (std::is_arithmetic<L>::value) {
-    return tanh_elem(z);
+    return f(z);
   } else {
     L r;
-    for (int k = 0; k < static_cast<int>(sizeof(L::v) / sizeof(L::v[0])); ++k) r.v[k] = tanh_elem(z.v[k]);
+    for (int k = 0; k < static_cast<int>(sizeof(L::v) / sizeof(L::v[0])); ++k) r.v[k] = f(z.v[k]);
     return r;
   }
 }
 
 template <typename L>
+inline HM_INLINE L lane_tanh(const L& z) {
+  return lane_map(z, [](auto e) HM_INLINE { return tanh_elem(e); });
+}
+
+template <typename L>
 inline HM_INLINE L lane_sigmoid(const L& z) {
-  if constexpr (std::is_arithmetic<L>::value) {
-    return sigmoid_elem(z);
-  } else {
-    L r;
-    for (int k = 0; k < static_cast<int>(sizeof(L::v) / sizeof(L::v[0])); ++k) r.v[k] = sigmoid_elem(z.v[k]);
-    return r;
-  }
+  return lane_map(z, [](auto e) HM_INLINE { return sigmoid_elem(e); });
 }
 
 }  // namespace cpu
