@@ -123,13 +123,27 @@ HM_SIMD_CLONES void step_rows(Mode mode, int64_t d, int64_t n, const StageInput<
                               const DerivSource<T>& src, int code, T* op, T* s1, T* s2,
                               int64_t b0, int64_t b1) {
   with_smooth_code(code, [&](auto c) HM_INLINE {
-    for_stage_lanes<decltype(c)::value, T>(
-        mode, d, n, in, src, op, b0, b1, [&](const auto& f, auto t, auto s, auto out, int64_t r) HM_INLINE {
-          using L = std::decay_t<decltype(f.s)>;
-          if (s1) lane_ptr<L>(s1, r)[0] = f.s1;
-          if (s2) lane_ptr<L>(s2, r)[0] = f.s2;
-          jet_step_neuron(mode, d, f, t, s, n, out);
-        });
+    auto rows = [&](Mode md, int64_t dd) HM_INLINE {
+      for_stage_lanes<decltype(c)::value, T>(
+          md, dd, n, in, src, op, b0, b1, [&](const auto& f, auto t, auto s, auto out, int64_t r) HM_INLINE {
+            using L = std::decay_t<decltype(f.s)>;
+            if (s1) lane_ptr<L>(s1, r)[0] = f.s1;
+            if (s2) lane_ptr<L>(s2, r)[0] = f.s2;
+            jet_step_neuron(md, dd, f, t, s, n, out);
+          });
+    };
+    // Reverse-Gram's forward (mode none) at small d: d a constant, its loops unrolled.
+    if (mode == Mode::None) {
+      switch (d) {
+        case 0: return rows(Mode::None, 0);
+        case 1: return rows(Mode::None, 1);
+        case 2: return rows(Mode::None, 2);
+        case 3: return rows(Mode::None, 3);
+        case 4: return rows(Mode::None, 4);
+        default: break;
+      }
+    }
+    rows(mode, d);
   });
 }
 
