@@ -24,8 +24,10 @@ GRAM_WEIGHT = 8.0
 def gram_gemm_weight(d: int) -> float:
     return 1.0 + 50.0 / d
 GRAM_LOOP_MAX_D = 16  # csrc/jet_driver.cpp, kGramKernelMaxD
-# Reverse-Gram's extra passes (a backward of m columns, each layer's T kept) on top of that.
-REVERSE_OVERHEAD = 1.2
+# Reverse-Gram's extra passes (a backward of m columns, each layer's T kept) on top of that
+# (1.2 until the CPU's stage pass of reverse-Gram got its own unrolled loops; 1.1 since, from
+# the suite's crossover table: every pick it gets wrong is within 2% of the faster).
+REVERSE_OVERHEAD = 1.1
 
 
 def _pairs(mode: str, d: int) -> int:
@@ -45,6 +47,10 @@ def reverse_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
     """Work per sample of reverse-Gram for the Hessian part ``mode`` of all m outputs."""
     m = widths[-1]
     gemm = d * widths[0] + sum(widths[l] * widths[l - 1] * (1 + d + m) for l in range(1, len(widths)))
+    if len(widths) >= 2:
+        # A linear last stage (the usual model): the last Linear takes the value alone, and the
+        # Jacobian comes from the backward pass (csrc/jet_driver.cpp, value_only_top).
+        gemm += widths[-1] * widths[-2] * (1 + m - (1 + d + m)) + m * widths[0] * d
     elementwise = sum(n * (1 + d + 3 * m) for n in widths)
     if mode == "full" and d > GRAM_LOOP_MAX_D:
         gram = gram_gemm_weight(d) * sum(m * n * d * d for n in widths)
