@@ -14,8 +14,7 @@ import torch
 
 # The weights below were fitted to measured times (float32, 2-core Xeon with AVX-512, torch
 # 2.13; 208 cases of widths 32-256, d 1-24, m 1 and 4, every mode: benchmarks/suite.py,
-# "method crossover"), in units of one GEMM multiply-add. Where the model picks the slower
-# method the two were within 30% of each other.
+# "method crossover"), in units of one GEMM multiply-add; REVERSE_OVERHEAD refitted since.
 # Cost of touching one element in a fused elementwise pass.
 ELEMENTWISE_WEIGHT = 3.0
 # One term w T_a T_c of reverse-Gram's Gram kernel (d up to GRAM_LOOP_MAX_D).
@@ -24,10 +23,11 @@ GRAM_WEIGHT = 8.0
 def gram_gemm_weight(d: int) -> float:
     return 1.0 + 50.0 / d
 GRAM_LOOP_MAX_D = 16  # csrc/jet_driver.cpp, kGramKernelMaxD
-# Reverse-Gram's extra passes (a backward of m columns, each layer's T kept) on top of that
-# (1.2 until the CPU's stage pass of reverse-Gram got its own unrolled loops; 1.1 since, from
-# the suite's crossover table: every pick it gets wrong is within 2% of the faster).
-REVERSE_OVERHEAD = 1.1
+# A factor on reverse-Gram's counted work, fitted to the suite's crossover table (46 cases):
+# 1.2 while its CPU stage pass ran the generic loops, 0.95 since that pass has loops
+# unrolled for d <= 4 (csrc/cpu/mlp_jet.cpp, step_rows). Where it picks the slower method
+# the two are within 6% of each other.
+REVERSE_OVERHEAD = 0.95
 
 
 def _pairs(mode: str, d: int) -> int:
