@@ -270,6 +270,8 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
   auto state_cols = [&](int64_t l) { return top && l == L - 1 ? 1 : C; };
   auto out_cols = [&](int64_t l) { return top && l >= L - 2 ? 1 : C; };
   const int64_t blocks = (B + rows - 1) / rows;
+  packed.zero_();  // (the Gram kernel adds to it)
+  const at::Tensor eye = at::eye(m, opt).unsqueeze(0).expand({rows, m, m});
   parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
     // Work space reused by every block of this task: each layer's state and derivatives,
     // two buffers of columns and two of backward rows.
@@ -290,11 +292,13 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
     struct Views {
       int64_t nb = -1;
       std::vector<at::Tensor> z, z2, out, d1, d2, t, g, g2;
+      at::Tensor eye;  // [nb, m, m]: dy_k/da_{L-1} for every output k
     } v;
     auto views_for = [&](int64_t nb) {
       if (v.nb == nb) return;
       v = Views{};
       v.nb = nb;
+      v.eye = eye.narrow(0, 0, nb);
       for (int64_t l = 0; l < L; ++l) {
         const int64_t n = spec.widths[l];
         v.z.push_back(st[l].narrow(0, 0, nb));
@@ -310,31 +314,29 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b0 = c * rows, nb = std::min(rows, B - b0);
       views_for(nb);
+      at::Tensor val = value.narrow(0, b0, nb), jb = jac.narrow(0, b0, nb);
       for (int64_t l = 0; l < L; ++l) {
         if (l == 0) {
           at::mm_out(v.z2[0], x.narrow(0, b0, nb), wt[0]);
         } else {
           at::mm_out(v.z2[l], v.out[l - 1].view({nb * out_cols(l - 1), spec.widths[l - 1]}), wt[l]);
         }
-        stage_forward_into(k, net, Mode::None, l, v.z[l], v.out[l], v.d1[l], v.d2[l], nullptr,
+        // (With the value alone at the top, the last stage writes it into value itself.)
+        at::Tensor out = top && l == L - 1 ? val.view({nb, 1, m}) : v.out[l];
+        stage_forward_into(k, net, Mode::None, l, v.z[l], out, v.d1[l], v.d2[l], nullptr,
                            out_cols(l) == 1);
       }
-      at::Tensor val = value.narrow(0, b0, nb), jb = jac.narrow(0, b0, nb);
-      if (top) {
-        val.copy_(v.out[L - 1].select(1, 0));
-      } else {
+      if (!top) {
         at::Tensor no_hess;
         k.unpack(Mode::None, d, v.out[L - 1], val, jb, no_hess);
       }
       at::Tensor p = packed.narrow(0, b0, nb);
-      p.zero_();
-      // dy_k/da_{L-1} for every output k: the identity.
-      v.g[L - 1].zero_();
-      v.g[L - 1].diagonal(0, 1, 2).fill_(1);
       for (int64_t l = L - 1; l >= 0; --l) {
         if (top && l == L - 1) {
-          v.g[l].mul_(v.d1[l].unsqueeze(1));  // a linear stage: no Gram term
+          // dy_k/dz_{L-1} of a linear stage: the identity times s1; no Gram term.
+          at::mul_out(v.g[l], v.eye, v.d1[l].unsqueeze(1));
         } else {
+          if (l == L - 1) v.g[l].copy_(v.eye);  // dy_k/da_{L-1}: the identity
           k.gram(spec.mode, v.g[l], v.d1[l], v.d2[l], v.t[l], p);
         }
         if (l > 0) at::mm_out(v.g2[l - 1], v.g2[l], net.weights[l]);
