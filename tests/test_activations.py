@@ -131,7 +131,7 @@ def test_jet_passes_match_autograd_per_neuron(stage, method, dtype):
     lane_math = stage[0].name in ("identity", "affine", "square", "tanh", "sigmoid", "silu",
                                   "gelu_tanh")
     if lane_math:
-        z = torch.cat([z, torch.tensor([-88.0, 88.0, -100.0, 100.0, -709.0, 709.0, -1e4, 1e4,
+        z = torch.cat([z, torch.linspace(-8, 8, 1601, dtype=torch.float64), torch.tensor([-88.0, 88.0, -100.0, 100.0, -709.0, 709.0, -1e4, 1e4,
                                         2.0 ** -30, -(2.0 ** -30), 17.0, -17.0],
                                        dtype=torch.float64)])
     n = z.numel()
@@ -155,8 +155,10 @@ def test_jet_passes_match_autograd_per_neuron(stage, method, dtype):
         r = ref[order][ok]
         err = ((got[ok].double() - r).abs() / r.abs().clamp_min(1.0)).max().item()
         # The functions the CPU evaluates itself: within a few hundred units in the last
-        # place of float64 (a poor approximation fails), the others at the usual tolerance.
-        tol = ({torch.float64: 1e-13, torch.float32: 1e-5}[dtype] if lane_math else
+        # place of float64 and as close as PyTorch's own float32 tanh gives (a poor
+        # approximation, or tanh near 1 from expm1 alone, fails); the others at the usual
+        # tolerance.
+        tol = ({torch.float64: 1e-13, torch.float32: 5e-6}[dtype] if lane_math else
                RTOL[dtype] * (30.0 if stage[0].name == "sin" and dtype == torch.float32 else 1.0))
         assert err <= tol, f"{stage[0].name} order {order}: error {err:.3e} > {tol:.3e}"
         assert torch.isfinite(got).all()

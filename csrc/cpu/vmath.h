@@ -83,13 +83,18 @@ inline HM_INLINE ExpParts<T> exp_parts(T x) {
   return {p2, r * q};
 }
 
-// One element: tanh(z) = sign(z) * (-e / (2 + e)) with e = expm1(-2|z|).
+// One element: tanh(|z|) = -e / (2 + e) with e = expm1(-2|z|) for |z| < 0.55 (tanh below
+// 1/2: no cancellation), else 1 - 2E / (1 + E) with E = exp(-2|z|) (the correction to 1
+// carries its own relative accuracy); the sign of z restored.
 template <typename T>
 inline HM_INLINE T tanh_elem(T z) {
   const T a = z < T(0) ? -z : z;
   const ExpParts<T> x = exp_parts<T>(T(-2) * a);
-  const T e = x.p2 * x.e + (x.p2 - T(1));
-  const T t = -e / (T(2) + e);
+  const bool small = a < T(0.55);
+  const T e = x.p2 * x.e + (x.p2 - T(1));  // expm1(-2a)
+  const T E = x.p2 + x.p2 * x.e;           // exp(-2a)
+  const T q = small ? -e / (T(2) + e) : (T(2) * E) / (T(1) + E);
+  const T t = small ? q : T(1) - q;
   return z < T(0) ? -t : t;
 }
 
