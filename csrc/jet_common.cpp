@@ -34,10 +34,6 @@ NetSpec check_inputs(const at::Tensor& x,
   NetSpec net;
   net.mode = parse_mode(mode);
   net.method = parse_method(method);
-  TORCH_CHECK_VALUE(net.method == Method::Forward || net.mode != Mode::None,
-                    "hessmlp: method 'reverse' computes a Hessian (mode 'full', 'diag' or "
-                    "'trace'), got mode '", std::string(mode), "'");
-
   TORCH_CHECK_VALUE(x.dim() == 2, "hessmlp: x must have shape [B, d], got ", x.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                    "hessmlp: x must be float32 or float64, got ", x.scalar_type());

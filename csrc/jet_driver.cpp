@@ -264,11 +264,15 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
   const at::TensorOptions opt = x.options();
   std::vector<at::Tensor> wt;  // W_l^T
   for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t());
-  // With a linear last stage the last two stages give the value alone (Net::value_only_top):
-  // columns of layer l's state and of its stage's output.
-  const bool top = net.value_only_top();
-  auto state_cols = [&](int64_t l) { return top && l == L - 1 ? 1 : C; };
-  auto out_cols = [&](int64_t l) { return top && l >= L - 2 ? 1 : C; };
+  // Mode none (the Jacobian alone, by backpropagation): every stage gives the value alone.
+  // Otherwise, with a linear last stage, the last two (Net::value_only_top). Either way the
+  // Jacobian then comes from the backward pass. Columns of layer l's state and of its
+  // stage's output, and whether layer l has a Gram term:
+  const bool gram = spec.mode != Mode::None;
+  const bool top = !gram || net.value_only_top();
+  auto state_cols = [&](int64_t l) { return (!gram && l > 0) || (top && l == L - 1) ? 1 : C; };
+  auto out_cols = [&](int64_t l) { return !gram || (top && l >= L - 2) ? 1 : C; };
+  auto has_gram = [&](int64_t l) { return gram && !(top && l == L - 1); };
   const int64_t blocks = (B + rows - 1) / rows;
   packed.zero_();  // (the Gram kernel adds to it)
   const at::Tensor eye = at::eye(m, opt).unsqueeze(0).expand({rows, m, m});
@@ -306,7 +310,9 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
         v.out.push_back(cols[l % 2].narrow(0, 0, nb * out_cols(l) * n).view({nb, out_cols(l), n}));
         v.d1.push_back(s1[l].narrow(0, 0, nb));
         v.d2.push_back(s2[l].narrow(0, 0, nb));
-        v.t.push_back(l == 0 ? net.w0t : state_cols(l) == C ? v.z[l].narrow(1, 1, d) : at::Tensor());
+        v.t.push_back(!has_gram(l)          ? at::Tensor()
+                      : l == 0               ? net.w0t
+                                             : v.z[l].narrow(1, 1, d));
         v.g.push_back(back[(L - 1 - l) % 2].narrow(0, 0, nb * m * n).view({nb, m, n}));
         v.g2.push_back(v.g[l].view({nb * m, n}));
       }
@@ -332,9 +338,13 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
       }
       at::Tensor p = packed.narrow(0, b0, nb);
       for (int64_t l = L - 1; l >= 0; --l) {
-        if (top && l == L - 1) {
-          // dy_k/dz_{L-1} of a linear stage: the identity times s1; no Gram term.
-          at::mul_out(v.g[l], v.eye, v.d1[l].unsqueeze(1));
+        if (!has_gram(l)) {
+          // dy_k/dz_l = dy_k/da_l * s1 (at the top: the identity times s1); no Gram term.
+          if (l == L - 1) {
+            at::mul_out(v.g[l], v.eye, v.d1[l].unsqueeze(1));
+          } else {
+            v.g[l].mul_(v.d1[l].unsqueeze(1));
+          }
         } else {
           if (l == L - 1) v.g[l].copy_(v.eye);  // dy_k/da_{L-1}: the identity
           k.gram(spec.mode, v.g[l], v.d1[l], v.d2[l], v.t[l], p);

@@ -44,15 +44,19 @@ def forward_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
 
 
 def reverse_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
-    """Work per sample of reverse-Gram for the Hessian part ``mode`` of all m outputs."""
+    """Work per sample of reverse-Gram for the Hessian part ``mode`` of all m outputs (mode
+    'none': the Jacobian alone, by backpropagation: the forward carries the value only)."""
     m = widths[-1]
-    gemm = d * widths[0] + sum(widths[l] * widths[l - 1] * (1 + d + m) for l in range(1, len(widths)))
+    fwd = 1 if mode == "none" else 1 + d  # columns of the forward pass
+    gemm = d * widths[0] + sum(widths[l] * widths[l - 1] * (fwd + m) for l in range(1, len(widths)))
     if len(widths) >= 2:
         # A linear last stage (the usual model): the last Linear takes the value alone, and the
         # Jacobian comes from the backward pass (csrc/jet_driver.cpp, value_only_top).
-        gemm += widths[-1] * widths[-2] * (1 + m - (1 + d + m)) + m * widths[0] * d
-    elementwise = sum(n * (1 + d + 3 * m) for n in widths)
-    if mode == "full" and d > GRAM_LOOP_MAX_D:
+        gemm += widths[-1] * widths[-2] * (1 - fwd) + m * widths[0] * d
+    elementwise = sum(n * (fwd + 3 * m) for n in widths)
+    if mode == "none":
+        gram = 0.0
+    elif mode == "full" and d > GRAM_LOOP_MAX_D:
         gram = gram_gemm_weight(d) * sum(m * n * d * d for n in widths)
     else:
         terms = d * (d + 1) // 2 if mode == "full" else d
@@ -100,8 +104,9 @@ def cpu_block_rows(d: int, widths: Sequence[int], mode: str, itemsize: int,
 
 
 def choose_method(d: int, widths: Sequence[int], mode: str) -> str:
-    """The cheaper exact method for a Hessian mode ('none': forward, the only one)."""
-    if mode not in ("full", "diag", "trace"):
+    """The cheaper exact method for a Hessian mode ('full', 'diag', 'trace'), or for the
+    Jacobian alone ('none': forward jets against backpropagation)."""
+    if mode not in ("full", "diag", "trace", "none"):
         return "forward"
     return "reverse" if reverse_cost(d, widths, mode) < forward_cost(d, widths, mode) else "forward"
 

@@ -114,9 +114,6 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
 
     if method not in ("auto", "forward", "reverse"):
         raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
-    if method == "reverse" and mode == "none":
-        raise ValueError("hessmlp: method='reverse' computes a Hessian; it needs hessian='full', "
-                         "'diag' or 'trace', not None")
     itemsize = xb.element_size()
     # Training through the result: the backward is the adjoint of the forward jets, which
     # saves each layer's state; reverse-Gram would leave the backward to recompute it.
@@ -254,7 +251,7 @@ def jet(model: nn.Module, x: torch.Tensor, hessian: Optional[str] = "full", outp
         hessian: 'full' (B, m, d, d), 'diag' (B, m, d), 'trace' (B, m) or None.
         output: an int selects one output k and drops the m dimension.
         method: 'auto' (default), 'forward' (forward jets) or 'reverse'
-            (reverse-Gram; needs a Hessian part). Both are exact; 'auto' takes the
+            (reverse-Gram; with hessian=None, backpropagation). Both are exact; 'auto' takes the
             cheaper by a measured cost model, and 'forward' when gradients will flow
             through the result (its backward needs the forward jets' state).
     """
@@ -279,6 +276,9 @@ def laplacian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
     return _run(model, x, "trace", output, method).hessian
 
 
-def jacobian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None) -> torch.Tensor:
-    """dy/dx: (B, m, d), (B, d) with output=k; unbatched x drops B."""
-    return _run(model, x, None, output, "forward").jacobian
+def jacobian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
+             method: str = "auto") -> torch.Tensor:
+    """dy/dx: (B, m, d), (B, d) with output=k; unbatched x drops B. method: 'forward'
+    (forward jets: 1 + d columns) or 'reverse' (backpropagation: the value forward, m
+    columns back); 'auto' takes the cheaper, and 'forward' when gradients flow through."""
+    return _run(model, x, None, output, method).jacobian

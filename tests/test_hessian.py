@@ -37,8 +37,11 @@ def test_all_modes_against_torch_func(act, dtype, device):
         assert_rel_close(hessmlp.hessian_diag(model, x), diag, dtype, f"diag {tag}")
         assert_rel_close(hessmlp.laplacian(model, x), diag.sum(-1), dtype, f"trace {tag}")
         assert_rel_close(hessmlp.jacobian(model, x), jac, dtype, f"jacobian {tag}")
+        for method in ("forward", "reverse"):
+            assert_rel_close(hessmlp.jacobian(model, x, method=method), jac, dtype,
+                             f"jacobian {method} {tag}")
         for mode, part in (("diag", diag), ("trace", diag.sum(-1)), (None, None)):
-            for method in ("forward", "reverse") if mode else ("auto",):
+            for method in ("forward", "reverse") if mode else ("forward", "reverse", "auto"):
                 r = hessmlp.jet(model, x, hessian=mode, method=method)
                 assert_rel_close(r.value, value, dtype, f"jet value {mode} {method} {tag}")
                 assert_rel_close(r.jacobian, jac, dtype, f"jet jacobian {mode} {method} {tag}")

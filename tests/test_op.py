@@ -22,7 +22,7 @@ def _args(mode, method, dtype=f64, B=4, d=3, bias=True, requires_grad=False, sav
 
 
 CASES = [("full", "forward"), ("full", "reverse"), ("diag", "forward"), ("diag", "reverse"),
-         ("trace", "forward"), ("trace", "reverse"), ("none", "forward")]
+         ("trace", "forward"), ("trace", "reverse"), ("none", "forward"), ("none", "reverse")]
 
 
 def _fake(fm, args):
