@@ -75,6 +75,12 @@ constexpr double kGeluK1 = 0.044715;
 constexpr double kInvSqrt2 = 0.70710678118654752440084436210484903928483593768847;
 constexpr double kInvSqrt2Pi = 0.39894228040143267793994605993438186847585863116493;
 
+// The argument of tanh in the tanh approximation of GELU: k0 (z + k1 z^3).
+template <typename T>
+HM_HD T gelu_tanh_arg(T z) {
+  return T(kGeluK0) * (z + T(kGeluK1) * z * z * z);
+}
+
 template <typename T>
 HM_HD Prims<T> act_prims(int code, T p0, T p1, T z) {
   Prims<T> r{T(0), T(0)};
@@ -93,7 +99,7 @@ HM_HD Prims<T> act_prims(int code, T p0, T p1, T z) {
       r.a = HM_MATH(erf)(z * T(kInvSqrt2));
       r.b = HM_MATH(exp)(T(-0.5) * z * z);
       break;
-    case ACT_GELU_TANH: r.a = HM_MATH(tanh)(T(kGeluK0) * (z + T(kGeluK1) * z * z * z)); break;
+    case ACT_GELU_TANH: r.a = HM_MATH(tanh)(gelu_tanh_arg(z)); break;
     case ACT_ELU: r.a = HM_MATH(exp)(z < T(0) ? z : T(0)); break;
     case ACT_SIN:
       r.a = HM_MATH(sin)(p0 * z);

@@ -65,13 +65,22 @@ struct Net {
                      bias, l == 0, stage_desc(spec, l, act_codes, act_params), cache};
   }
 
-  // Reverse-Gram with a linear last stage (L >= 2): its Gram term is 0, so the output
-  // layer needs the value alone, and so does the stage before it; the Jacobian comes
-  // from the backward pass (dy/dx = dy/dz_0 W_0) instead.
-  bool value_only_top() const {
-    const int64_t L = spec.n_layers();
-    return L >= 2 && is_linear(stage_desc(spec, L - 1, act_codes, act_params));
+  // Reverse-Gram's layout, for both of its Gram paths. Mode none (the Jacobian alone, by
+  // backpropagation): every stage gives the value alone. Otherwise, with a linear last
+  // stage (L >= 2), whose Gram term is 0, the last two stages do. Where either holds the
+  // Jacobian comes from the backward pass (dy/dx = dy/dz_0 W_0).
+  const bool linear_top = spec.n_layers() >= 2 &&
+                          is_linear(stage_desc(spec, spec.n_layers() - 1, act_codes, act_params));
+  bool jac_from_backward() const { return spec.mode == Mode::None || linear_top; }
+  bool value_only_stage(int64_t l) const {
+    return spec.mode == Mode::None || (linear_top && l >= spec.n_layers() - 2);
   }
+  bool has_gram(int64_t l) const {
+    return spec.mode != Mode::None && !(linear_top && l == spec.n_layers() - 1);
+  }
+  // Columns per sample of stage l's output, and of Linear l's state (l > 0).
+  int64_t out_cols(int64_t l) const { return value_only_stage(l) ? 1 : 1 + spec.d; }
+  int64_t state_cols(int64_t l) const { return out_cols(l - 1); }
 };
 
 // The stage after Linear l applied to that layer's state (any batch: the rows of
@@ -165,25 +174,21 @@ ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::
     if (rows < B) return forward_blocked(k, net, mode, x, keep == Keep::State, rows);
   }
   ForwardPass fp;
-  const int64_t L = spec.n_layers();
-  // Keep::Gram with a linear last stage: the last two stages give the value alone.
-  const bool top = keep == Keep::Gram && net.value_only_top();
   at::Tensor act;  // [B, C, n_l]: the columns after stage l
-  for (int64_t l = 0; l < L; ++l) {
+  for (int64_t l = 0; l < spec.n_layers(); ++l) {
     const int64_t n = spec.widths[l];
     // Layer 0: z_0 = x W_0^T (the bias is added in the stage), T_0 = W_0, S_0 = 0.
     const at::Tensor state =
         l == 0 ? at::mm(x, net.weights[0].t())
                : at::mm(act.view({B * act.size(1), spec.widths[l - 1]}), net.weights[l].t())
                      .view({B, act.size(1), n});
-    if (keep == Keep::Gram) {
-      const bool value_only = top && l >= L - 2;
+    if (keep == Keep::Gram) {  // (reverse-Gram's layout: Net::value_only_stage)
       const at::Tensor s1 = at::empty({B, n}, x.options()), s2 = at::empty({B, n}, x.options());
-      act = at::empty({B, value_only ? 1 : C, n}, x.options());
-      stage_forward_into(k, net, mode, l, state, act, s1, s2, nullptr, value_only);
-      fp.jac.push_back(l == 0                  ? net.w0t.unsqueeze(0).expand({B, d, n})
-                       : state.size(1) == 1 + d ? state.narrow(1, 1, d)
-                                                : at::Tensor());
+      act = at::empty({B, net.out_cols(l), n}, x.options());
+      stage_forward_into(k, net, mode, l, state, act, s1, s2, nullptr, net.value_only_stage(l));
+      fp.jac.push_back(!net.has_gram(l) ? at::Tensor()
+                       : l == 0         ? net.w0t.unsqueeze(0).expand({B, d, n})
+                                        : state.narrow(1, 1, d));
       fp.s1.push_back(s1);
       fp.s2.push_back(s2);
     } else {
@@ -264,15 +269,7 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
   const at::TensorOptions opt = x.options();
   std::vector<at::Tensor> wt;  // W_l^T
   for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t());
-  // Mode none (the Jacobian alone, by backpropagation): every stage gives the value alone.
-  // Otherwise, with a linear last stage, the last two (Net::value_only_top). Either way the
-  // Jacobian then comes from the backward pass. Columns of layer l's state and of its
-  // stage's output, and whether layer l has a Gram term:
-  const bool gram = spec.mode != Mode::None;
-  const bool top = !gram || net.value_only_top();
-  auto state_cols = [&](int64_t l) { return (!gram && l > 0) || (top && l == L - 1) ? 1 : C; };
-  auto out_cols = [&](int64_t l) { return !gram || (top && l >= L - 2) ? 1 : C; };
-  auto has_gram = [&](int64_t l) { return gram && !(top && l == L - 1); };
+  const bool top = net.jac_from_backward();  // (and the last stage gives the value alone)
   const int64_t blocks = (B + rows - 1) / rows;
   packed.zero_();  // (the Gram kernel adds to it)
   const at::Tensor eye = at::eye(m, opt).unsqueeze(0).expand({rows, m, m});
@@ -282,7 +279,7 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
     std::vector<at::Tensor> st, s1, s2;
     for (int64_t l = 0; l < L; ++l) {
       const int64_t n = spec.widths[l];
-      st.push_back(l == 0 ? at::empty({rows, n}, opt) : at::empty({rows, state_cols(l), n}, opt));
+      st.push_back(l == 0 ? at::empty({rows, n}, opt) : at::empty({rows, net.state_cols(l), n}, opt));
       s1.push_back(at::empty({rows, n}, opt));
       s2.push_back(at::empty({rows, n}, opt));
     }
@@ -306,11 +303,12 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
       for (int64_t l = 0; l < L; ++l) {
         const int64_t n = spec.widths[l];
         v.z.push_back(st[l].narrow(0, 0, nb));
-        v.z2.push_back(l == 0 ? v.z[l] : v.z[l].view({nb * state_cols(l), n}));
-        v.out.push_back(cols[l % 2].narrow(0, 0, nb * out_cols(l) * n).view({nb, out_cols(l), n}));
+        v.z2.push_back(l == 0 ? v.z[l] : v.z[l].view({nb * net.state_cols(l), n}));
+        v.out.push_back(
+            cols[l % 2].narrow(0, 0, nb * net.out_cols(l) * n).view({nb, net.out_cols(l), n}));
         v.d1.push_back(s1[l].narrow(0, 0, nb));
         v.d2.push_back(s2[l].narrow(0, 0, nb));
-        v.t.push_back(!has_gram(l)          ? at::Tensor()
+        v.t.push_back(!net.has_gram(l)      ? at::Tensor()
                       : l == 0               ? net.w0t
                                              : v.z[l].narrow(1, 1, d));
         v.g.push_back(back[(L - 1 - l) % 2].narrow(0, 0, nb * m * n).view({nb, m, n}));
@@ -325,12 +323,13 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
         if (l == 0) {
           at::mm_out(v.z2[0], x.narrow(0, b0, nb), wt[0]);
         } else {
-          at::mm_out(v.z2[l], v.out[l - 1].view({nb * out_cols(l - 1), spec.widths[l - 1]}), wt[l]);
+          at::mm_out(v.z2[l], v.out[l - 1].view({nb * net.out_cols(l - 1), spec.widths[l - 1]}),
+                     wt[l]);
         }
         // (With the value alone at the top, the last stage writes it into value itself.)
         at::Tensor out = top && l == L - 1 ? val.view({nb, 1, m}) : v.out[l];
         stage_forward_into(k, net, Mode::None, l, v.z[l], out, v.d1[l], v.d2[l], nullptr,
-                           out_cols(l) == 1);
+                           net.value_only_stage(l));
       }
       if (!top) {
         at::Tensor no_hess;
@@ -338,7 +337,7 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
       }
       at::Tensor p = packed.narrow(0, b0, nb);
       for (int64_t l = L - 1; l >= 0; --l) {
-        if (!has_gram(l)) {
+        if (!net.has_gram(l)) {
           // dy_k/dz_l = dy_k/da_l * s1 (at the top: the identity times s1); no Gram term.
           if (l == L - 1) {
             at::mul_out(v.g[l], v.eye, v.d1[l].unsqueeze(1));
@@ -383,16 +382,15 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
   }
   // Large d, full Hessian: the whole batch, its Gram terms by batched GEMMs.
   const ForwardPass fp = forward_pass(k, net, Mode::None, x, Keep::Gram);
-  const bool top = net.value_only_top();  // then the Jacobian comes from the backward pass
+  const bool top = net.jac_from_backward();
   value.copy_(fp.out.select(1, 0));
   if (!top) jac.copy_(fp.out.narrow(1, 1, d).transpose(1, 2));
   std::vector<std::pair<at::Tensor, at::Tensor>> terms;  // (T_l, w_l)
   // g = dy_k/da_l for every output k: the identity at the top.
   at::Tensor g = at::eye(m, x.options()).unsqueeze(0).expand({B, m, m}).contiguous();
-  const int64_t L = spec.n_layers();
-  for (int64_t l = L - 1; l >= 0; --l) {
+  for (int64_t l = spec.n_layers() - 1; l >= 0; --l) {
     const int64_t n = spec.widths[l];
-    if (!(top && l == L - 1)) {  // (a linear stage has no Gram term)
+    if (net.has_gram(l)) {
       terms.emplace_back(l == 0 ? net.w0t : fp.jac[l], (g * fp.s2[l].unsqueeze(1)).contiguous());
     }
     g.mul_(fp.s1[l].unsqueeze(1));
@@ -492,7 +490,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
   check_backward_inputs(spec, x_in, grad_value, grad_jacobian, grad_hessian, saved);
   const c10::DeviceGuard guard(x_in.device());
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  const int64_t B = spec.batch, d = spec.d, m = spec.m(), L = spec.n_layers();
+  const int64_t B = spec.batch, d = spec.d, L = spec.n_layers();
   const int64_t P = spec.pairs();
   const int64_t C = 1 + d + P;
   const at::Tensor x = x_in.contiguous();

@@ -61,7 +61,7 @@ inline HM_INLINE Prims<L> lane_prims(const L& z) {
   } else if constexpr (Code == ACT_SIGMOID || Code == ACT_SILU) {
     return {lane_sigmoid(z), L(0)};
   } else if constexpr (Code == ACT_GELU_TANH) {
-    return {lane_tanh(L(kGeluK0) * (z + L(kGeluK1) * z * z * z)), L(0)};
+    return {lane_tanh(gelu_tanh_arg(z)), L(0)};
   } else {
     return {L(0), L(0)};
   }
