@@ -12,7 +12,7 @@ shared cloud CPUs) fall on all three alike. Ratios are baseline
 time / hessmlp time (above 1: hessmlp faster); in the targets table each ratio is the median
 over the rounds of the ratio within one round. The GEMM floor of a call is the time of
 the same torch.mm / torch.bmm calls on the same shapes as its products with the weight
-matrices (DESIGN.md §5), timed here too. Writes benchmarks/results/cpu.md and PNG plots
+matrices (docs/design.md §5), timed here too. Writes benchmarks/results/cpu.md and PNG plots
 (with matplotlib; pip install .[bench]) with the machine, torch version and threads.
 """
 from __future__ import annotations

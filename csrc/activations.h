@@ -63,8 +63,8 @@ HM_HD T hm_sigmoid(T z) {
 // does the rest.
 //   tanh: a = tanh z                  sigmoid, silu: a = sigmoid z
 //   softplus: a = sigmoid(beta z), b = softplus z      gelu: a = erf(z/sqrt 2), b = exp(-z^2/2)
-//   gelu_tanh: a = tanh(k0 (z + k1 z^3))              elu: a = exp(min(z, 0))
-//   sin: a = sin(w0 z), b = cos(w0 z)
+//   gelu_tanh: a = tanh(k0 (z + k1 z^3))
+//   elu: a = expm1(min(z, 0)), b = exp(min(z, 0))   sin: a = sin(w0 z), b = cos(w0 z)
 template <typename T>
 struct Prims {
   T a, b;
@@ -100,7 +100,13 @@ HM_HD Prims<T> act_prims(int code, T p0, T p1, T z) {
       r.b = HM_MATH(exp)(T(-0.5) * z * z);
       break;
     case ACT_GELU_TANH: r.a = HM_MATH(tanh)(gelu_tanh_arg(z)); break;
-    case ACT_ELU: r.a = HM_MATH(exp)(z < T(0) ? z : T(0)); break;
+    case ACT_ELU: {
+      // expm1: alpha (e^z - 1) keeps its precision just below 0; NaN (not > 0) stays NaN.
+      const T zn = z > T(0) ? T(0) : z;
+      r.a = HM_MATH(expm1)(zn);
+      r.b = HM_MATH(exp)(zn);
+      break;
+    }
     case ACT_SIN:
       r.a = HM_MATH(sin)(p0 * z);
       r.b = HM_MATH(cos)(p0 * z);
@@ -214,11 +220,11 @@ HM_HD Derivs<T> act_from_prims(int code, T p0, T p1, T z, const Prims<T>& pr) {
       break;
     }
     case ACT_RELU:
-      // PyTorch's derivative at 0 is 0.
+      // PyTorch's derivative at 0 is 0; NaN stays NaN (as in torch.relu), its derivatives 0.
       if (z > T(0)) {
         r.s = z;
       } else {
-        r.s = T(0);
+        r.s = z != z ? z : T(0);
         r.s1 = T(0);
       }
       break;
@@ -233,11 +239,12 @@ HM_HD Derivs<T> act_from_prims(int code, T p0, T p1, T z, const Prims<T>& pr) {
     case ACT_ELU:
       // PyTorch: the exponential branch for z <= 0 in the value and first
       // derivative, for z < 0 only in the second (elu double backward).
+      // The value alpha expm1(z), its derivatives alpha e^z (each to its own precision).
       if (z > T(0)) {
         r.s = z;
       } else {
-        const T e = p0 * pr.a;
-        r.s = e - p0;
+        const T e = p0 * pr.b;
+        r.s = p0 * pr.a;
         r.s1 = e;
         if (z < T(0)) {
           r.s2 = e;

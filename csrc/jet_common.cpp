@@ -3,6 +3,7 @@
 #include "activations.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 namespace hessmlp {
@@ -76,6 +77,19 @@ NetSpec check_inputs(const at::Tensor& x,
     start += stage_sizes[l];
     in = w.size(0);
   }
+  // Autograd sees a list that mixes None and tensors as one opaque value: it would not see
+  // that such a bias requires grad, and its gradient would be dropped without a word.
+  bool some_none = false, bias_grad = false;
+  for (int64_t l = 0; l < L; ++l) {
+    const std::optional<at::Tensor> b = biases.get(l);
+    const bool has = b.has_value() && b->defined();
+    some_none = some_none || !has;
+    bias_grad = bias_grad || (has && b->requires_grad());
+  }
+  TORCH_CHECK_VALUE(!(some_none && bias_grad && at::GradMode::is_enabled()),
+                    "hessmlp: biases mixes None and tensors and one of them requires grad; "
+                    "autograd cannot differentiate such a list. Pass zeros for the missing biases "
+                    "(hessmlp.jet and friends do this), or call under torch.no_grad()");
   TORCH_CHECK_VALUE(static_cast<int64_t>(act_codes.size()) == start, "hessmlp: act_codes must have ",
                     start, " entries (the sum of stage_sizes), got ", act_codes.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(act_params.size()) == 2 * start,

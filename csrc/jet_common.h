@@ -14,7 +14,7 @@
 
 namespace hessmlp {
 
-// How the full Hessian is formed (see DESIGN.md §2 and §3).
+// How the full Hessian is formed (see docs/design.md §2 and §3).
 enum class Method { Forward, Reverse };
 
 Mode parse_mode(c10::string_view mode);

@@ -6,6 +6,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <utility>
@@ -256,7 +257,7 @@ void mirror_blocks(at::Tensor& hess) {
   }
 }
 
-// Reverse-Gram (DESIGN.md §3) with the Gram kernel, block by block (on the CPU, as
+// Reverse-Gram (docs/design.md §3) with the Gram kernel, block by block (on the CPU, as
 // forward_blocked; blocks in parallel): each block of samples goes forward through all
 // layers keeping T, s1 and s2 of each, then back with an ordinary backward pass of m
 // columns, adding each layer's Gram term to packed [B, m, Q]. value [B, m] and jac
@@ -358,7 +359,7 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
   });
 }
 
-// Reverse-Gram (DESIGN.md §3):  H[k] = sum_l T_l^T diag(g_l^k * s2_l) T_l, with
+// Reverse-Gram (docs/design.md §3):  H[k] = sum_l T_l^T diag(g_l^k * s2_l) T_l, with
 // g_l^k = dy_k/da_l from an ordinary backward pass of m columns; in mode diag or
 // trace only the diagonal or its sum of each term.
 void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Tensor& value,
@@ -404,7 +405,7 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
   mirror_blocks(hess);
 }
 
-// The backward sweep (DESIGN.md §4) for samples b0 .. b0 + nb: adds their weight
+// The backward sweep (docs/design.md §4) for samples b0 .. b0 + nb: adds their weight
 // and bias gradients to gw, gb (empty entries are not asked for) and writes their
 // rows of grad_x (when need_x).
 void backward_sweep(const Kernels& k, const Net& net, const at::Tensor& x,
@@ -458,9 +459,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_
     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef stage_sizes,
     at::IntArrayRef act_codes, at::ArrayRef<double> act_params, c10::string_view mode,
     c10::string_view method, bool save_state) {
-  const NetSpec spec = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
-                                    mode, method);
+  NetSpec spec = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params, mode,
+                              method);
+  // d = 0: no derivatives to form; forward jets give the value alone (reverse-Gram's layout
+  // assumes d >= 1).
+  if (spec.d == 0) spec.method = Method::Forward;
   const c10::DeviceGuard guard(x_in.device());
+  // hessmlp computes in the dtype of x and the parameters: autocast must not reach the
+  // GEMMs inside (it would hand the kernels bfloat16 or float16 columns).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = spec.batch, d = spec.d, m = spec.m();
   at::Tensor value = at::empty({B, m}, x.options());
@@ -489,6 +496,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
                                     mode, "forward");
   check_backward_inputs(spec, x_in, grad_value, grad_jacobian, grad_hessian, saved);
   const c10::DeviceGuard guard(x_in.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   const int64_t B = spec.batch, d = spec.d, L = spec.n_layers();
   const int64_t P = spec.pairs();

@@ -1,4 +1,4 @@
-// The per-neuron math of the forward jet and its adjoint (DESIGN.md §2, §4),
+// The per-neuron math of the forward jet and its adjoint (docs/design.md §2, §4),
 // shared by the CPU and CUDA kernels: one neuron of one sample at a time, its
 // rows reached with a stride, so that a CPU loop and a CUDA thread run the same
 // code. Plain C++ (no ATen) so that nvcc and the host compiler both take it.
@@ -64,7 +64,7 @@ struct StageInput {
 // Out are pointer-like: p[k] reads (or is assigned) the entry k of the lane's
 // row, and they are false when null. Every read goes into a local first.
 
-// One neuron through a stage with derivatives f (DESIGN.md §2):
+// One neuron through a stage with derivatives f (docs/design.md §2):
 //   u = s(z),  U = s1 T,  V = s2 Phi(T) + s1 S
 // t: its d first-derivative entries, s: its P second-order entries or null,
 // out: its 1 + d + P output entries; all `stride` apart.
@@ -125,7 +125,7 @@ HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In s,
   }
 }
 
-// Adjoint of jet_step_neuron (DESIGN.md §4), in place: on entry g holds the
+// Adjoint of jet_step_neuron (docs/design.md §4), in place: on entry g holds the
 // adjoint of the output (u_bar, U_bar, V_bar), on return the adjoint of the
 // input (z_bar, T_bar, S_bar):
 //   z_bar = s1 u_bar + s2 <U_bar, T> + <V_bar, s3 Phi(T) + s2 S>
@@ -277,7 +277,7 @@ HM_HD void pair_of(int64_t d, int64_t p, int64_t* a, int64_t* b) {
   *b = row + p;
 }
 
-// Reverse-Gram (DESIGN.md §3) in a Hessian mode: output entry q of an output k sums
+// Reverse-Gram (docs/design.md §3) in a Hessian mode: output entry q of an output k sums
 // w_i T[a, i] T[c, i] over the neurons i and over the row pairs (a, c) of the terms
 // j < gram_terms(mode, d) given by gram_term: full, the pair q of the upper triangle;
 // diag, (q, q); trace (q = 0), (j, j) for every row j.

@@ -32,7 +32,7 @@ TORCH_LIBRARY(hessmlp, m) {
       "int[] act_codes, float[] act_params, str mode, str method, bool save_state=False) "
       "-> (Tensor, Tensor, Tensor, Tensor[])");
 
-  // The adjoint of mlp_jet (DESIGN.md §4): gradients of a loss w.r.t. x, the
+  // The adjoint of mlp_jet (docs/design.md §4): gradients of a loss w.r.t. x, the
   // weights and the biases, given its gradients w.r.t. mlp_jet's value,
   // jacobian and hessian (None = zero). The forward-jet adjoint serves both methods.
   //   state        mlp_jet's saved state, or [] to recompute it

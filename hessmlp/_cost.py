@@ -1,7 +1,7 @@
 """Which method forms the full Hessian, and how much memory a call needs.
 
 Both methods are exact. The cost model counts the work of each in units of a
-GEMM multiply-add (DESIGN.md §2, §3); elementwise passes over memory and the
+GEMM multiply-add (docs/design.md §2, §3); elementwise passes over memory and the
 hand-written Gram loop are weighted by how much slower than a GEMM flop they
 run on a CPU.
 """

@@ -1,7 +1,7 @@
 """Python-side registrations of the hessmlp ops: fake kernels and autograd.
 
 The schemas live in csrc/ops.cpp. mlp_jet's backward is the op
-mlp_jet_backward (the exact reverse sweep, DESIGN.md §4); differentiating
+mlp_jet_backward (the exact reverse sweep, docs/design.md §4); differentiating
 that backward again (double backward) is refused with a clear error.
 """
 from __future__ import annotations
@@ -24,9 +24,21 @@ def _hessian_shape(mode: str, B, m, d):
     return {"full": (B, m, d, d), "diag": (B, m, d), "trace": (B, m), "none": (B, m, 0)}[mode]
 
 
+def _check_devices(x, named):
+    """Every tensor on x's device. (The fake kernel also serves the Meta key: with a weight
+    on meta and x on the CPU the dispatcher picks it, and it must not hand back empty
+    tensors as if it had computed something.)"""
+    for name, tensors in named:
+        for i, t in enumerate(tensors):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"hessmlp: {name}[{i}] is on {t.device} but x is on {x.device}; "
+                                 "every tensor of the op must be on one device")
+
+
 @torch.library.register_fake("hessmlp::mlp_jet")
 def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, method,
                   save_state=False):
+    _check_devices(x, (("weights", weights), ("biases", biases)))
     torch._check(x.dim() == 2, lambda: f"hessmlp: x must have shape [B, d], got {tuple(x.shape)}")
     torch._check(len(weights) >= 1, lambda: "hessmlp: weights must hold at least one Linear weight")
     B, d = x.shape
@@ -43,6 +55,8 @@ def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, 
 @torch.library.register_fake("hessmlp::mlp_jet_backward")
 def _mlp_jet_backward_fake(grad_value, grad_jacobian, grad_hessian, x, weights, biases,
                            stage_sizes, act_codes, act_params, mode, state, output_mask):
+    _check_devices(x, (("weights", weights), ("biases", biases), ("state", state),
+                       ("grad", (grad_value, grad_jacobian, grad_hessian))))
     need_x, need_w, need_b = output_mask
     empty = lambda: x.new_empty((0,))  # noqa: E731
     grad_x = x.new_empty(x.shape) if need_x else empty()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -21,6 +23,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .nn import Sine
+
+try:  # the hook of the legacy torch.nn.utils.weight_norm
+    from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
+except ImportError:  # pragma: no cover
+    class _WeightNorm:  # type: ignore[no-redef]
+        pass
 
 __all__ = ["UnsupportedModelError", "Act", "Network", "network_of", "ACT_CODES", "SUPPORTED"]
 
@@ -60,6 +68,10 @@ class Network:
     biases: List[Optional[torch.Tensor]]
     stages: List[List[Act]]          # stage after each Linear
     where: List[str]                 # position of each Linear, for error messages
+    # What the model's reshapes and conversions assume of the input, checked against x
+    # (api._check_network): ("width", where, n, layer: the features after Linear layer, -1 for
+    # x) and ("dtype", where, dtype, layer).
+    checks: List[tuple] = field(default_factory=list)
 
     @property
     def stage_sizes(self) -> List[int]:
@@ -85,10 +97,15 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _refuse(where: str, what: str) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"hessmlp: {what} at {where} is not supported: hessmlp computes exact Hessians of chains of "
-        f"Linear layers and elementwise functions. Supported: {SUPPORTED}.")
+# Where every refusal points for the list of what hessmlp reads.
+_SEE = "See 'Supported models' in hessmlp's README for what it reads."
+
+_CHAIN_ADVICE = ("hessmlp computes exact Hessians of chains Linear -> elementwise functions -> "
+                 "Linear ...; write the model as such a chain (e.g. hessmlp.MLP)")
+
+
+def _refuse(where: str, what: str, advice: str = _CHAIN_ADVICE) -> UnsupportedModelError:
+    return UnsupportedModelError(f"hessmlp: {what} at {where} is not supported. {advice}. {_SEE}")
 
 
 # ---------------------------------------------------------------- modules
@@ -98,10 +115,44 @@ def _is(m: nn.Module, cls) -> bool:
     return isinstance(m, cls) and type(m).forward is cls.forward
 
 
+def _legacy_weight_norm(m: nn.Module):
+    """The hook of torch.nn.utils.weight_norm (the legacy, hook-based one) on m, or None."""
+    for h in m._forward_pre_hooks.values():
+        if isinstance(h, _WeightNorm):
+            return h
+    return None
+
+
+def _check_hooks(m: nn.Module, where: str) -> None:
+    """hessmlp reads a module's weights and never calls it: a hook would be skipped."""
+    wn = _legacy_weight_norm(m)
+    hooks = [h for h in m._forward_pre_hooks.values() if h is not wn]
+    hooks += list(m._forward_hooks.values())
+    if hooks:
+        name = getattr(hooks[0], "__qualname__", type(hooks[0]).__name__)
+        advice = "remove the hook (the handle register_forward_hook returned: handle.remove())"
+        if "SpectralNorm" in name:
+            advice = ("use torch.nn.utils.parametrizations.spectral_norm instead of the hook-based "
+                      "torch.nn.utils.spectral_norm")
+        raise _refuse(where, f"a forward hook ({name}), which hessmlp would not run,", advice)
+    if wn is not None and not _is(m, nn.Linear):
+        raise _refuse(where, f"torch.nn.utils.weight_norm on a {type(m).__name__}",
+                      "hessmlp reads it on nn.Linear; use torch.nn.utils.parametrizations.weight_norm")
+    if wn is not None and wn.name != "weight":
+        raise _refuse(where, f"torch.nn.utils.weight_norm of {wn.name!r}",
+                      "hessmlp reads the weight norm of 'weight' only")
+
+
 def _module_steps(m: nn.Module, where: str, path: str) -> List[Step]:
+    _check_hooks(m, where)
     if _is(m, nn.Linear):
-        return [("linear", where, (_join(path, "weight"),
-                                   None if m.bias is None else _join(path, "bias")))]
+        wn = _legacy_weight_norm(m)
+        # The legacy weight norm recomputes .weight only inside forward: read it from g and v.
+        weight = _join(path, "weight") if wn is None else \
+            ("weight_norm", _join(path, "weight_v"), _join(path, "weight_g"), wn.dim)
+        return [("linear", where, (weight, None if m.bias is None else _join(path, "bias")))]
+    if _is(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+        return []  # the identity on (B, n)
     if _is(m, nn.Identity):
         return []
     if type(m) is nn.Dropout:
@@ -136,7 +187,9 @@ def _module_steps(m: nn.Module, where: str, path: str) -> List[Step]:
     if not type(m).__module__.startswith("torch."):
         # A user's own module inside a Sequential: its forward must be a chain too.
         return _FxChain(m, where, path).steps()
-    raise _refuse(where, f"{type(m).__name__}")
+    raise _refuse(where, f"{type(m).__name__}",
+                  f"hessmlp reads nn.Linear layers and elementwise functions, and {type(m).__name__} "
+                  "is neither (normalisation layers, convolutions and attention are not supported)")
 
 
 def _gelu(approximate: str, where: str) -> Act:
@@ -151,6 +204,10 @@ def _gelu(approximate: str, where: str) -> Act:
 # ---------------------------------------------------------------- torch.fx
 
 class _Tracer(fx.Tracer):
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True  # refusals name the user's source line
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, Sine):
             return True
@@ -212,6 +269,33 @@ _ARITH_METHODS = {"mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mu
                   "neg": "neg", "neg_": "neg", "__neg__": "neg", "pow": "pow", "__pow__": "pow"}
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_THIS_DIR = os.path.dirname(os.path.abspath(__file__))
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in \S+\n\s*(?P<code>[^\n]*)')
+
+
+def _user_line(stack_trace: Optional[str]) -> Optional[str]:
+    """The innermost frame of a traced node's stack that is the user's code: 'file:line: code'."""
+    if not stack_trace:
+        return None
+    last = None
+    for f in _FRAME.finditer(stack_trace):
+        path = os.path.abspath(f["file"])
+        if not path.startswith((_TORCH_DIR, _THIS_DIR)) and "<" not in f["file"]:
+            last = f
+    if last is None:
+        return None
+    return f"{os.path.basename(last['file'])}:{last['line']}: {last['code'].strip()}"
+
+
+# Tensor metadata reads: not a computation (x.shape[0], x.dtype, x.device, x.size(0)).
+_META_ATTRS = ("shape", "dtype", "device", "ndim", "is_cuda")
+# Tensor methods and functions that are the identity on the (B, n) activations of a chain
+# (with the checks in _FxChain._identity).
+_RESHAPES = ("view", "reshape", "flatten", "to", "float", "double", "type_as", "contiguous",
+             "clone", "detach_")
+
+
 class _FxChain:
     def __init__(self, model: nn.Module, name: str, path: str = ""):
         self.model = model
@@ -222,16 +306,24 @@ class _FxChain:
         except Exception as e:  # fx raises many types for data-dependent control flow
             raise UnsupportedModelError(
                 f"hessmlp: could not trace {name}.forward with torch.fx ({type(e).__name__}: {e}). "
-                f"hessmlp accepts nn.Sequential models and modules whose forward is a straight chain "
-                f"of {SUPPORTED}. Write the model as an nn.Sequential (see hessmlp.MLP).") from e
+                "A forward that branches on the values of its input (if x.sum() > 0, loops over "
+                "x's entries) has no single graph. Write the model as an nn.Sequential or a "
+                f"straight chain of calls (see hessmlp.MLP). {_SEE}") from e
+        self.meta: set = set()  # nodes that only read metadata of a tensor (x.shape, x.dtype)
 
     def _where(self, node: fx.Node) -> str:
+        """The innermost user module holding node, and the user's source line."""
         if node.op == "call_module":
-            return f"{self.name}.{node.target} ({type(self.model.get_submodule(node.target)).__name__})"
-        if node.op == "call_method":
-            return f"node '{node.name}' (Tensor.{node.target}) of {self.name}.forward"
-        target = getattr(node.target, "__name__", str(node.target))
-        return f"node '{node.name}' ({target}) of {self.name}.forward"
+            path, cls = node.target, type(self.model.get_submodule(node.target))
+        else:
+            stack = node.meta.get("nn_module_stack") or {}
+            path, cls = list(stack.values())[-1] if stack else ("", type(self.model))
+            if isinstance(cls, str):  # some torch versions keep the class name
+                cls = type(cls, (), {})
+        qual = f"{self.name}.{path}" if path else self.name
+        where = f"{cls.__name__} ({qual})" if path else f"{qual}.forward"
+        line = _user_line(node.meta.get("stack_trace"))
+        return f"{where}, {line}" if line else where
 
     def _attr(self, node: fx.Node):
         obj = self.model
@@ -239,50 +331,142 @@ class _FxChain:
             obj = getattr(obj, part)
         return obj
 
-    def _scalar(self, v, node: fx.Node) -> float:
+    def _is_computed(self, v) -> bool:
+        return isinstance(v, fx.Node) and v.op not in ("get_attr",) and v not in self.meta
+
+    def _scalar(self, v, node: fx.Node, op: str = "") -> float:
         if isinstance(v, fx.Node):
             if v.op != "get_attr":
-                raise _refuse(self._where(node), "an operation between two computed tensors")
+                raise self._two_tensors(node, op)
             t = self._attr(v)
             if not isinstance(t, torch.Tensor) or t.numel() != 1:
-                raise _refuse(self._where(node), f"a non-scalar operand '{v.target}'")
+                raise _refuse(self._where(node), f"an operation with the tensor '{v.target}' of "
+                              f"shape {tuple(getattr(t, 'shape', ()))}",
+                              "hessmlp reads scalar constants between Linear layers, not per-feature "
+                              "ones yet")
             if t.requires_grad:
-                raise _refuse(self._where(node), f"a learnable scalar '{v.target}' (trainable "
-                                                 "activation parameters are not supported)")
+                raise _refuse(self._where(node), f"a learnable scalar '{v.target}'",
+                              "trainable activation parameters (adaptive activations) are not "
+                              "supported yet; freeze it with requires_grad_(False) to treat it as a "
+                              "constant")
             return float(t.item())
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise _refuse(self._where(node), f"an operand of type {type(v).__name__}")
         return float(v)
 
+    def _two_tensors(self, node: fx.Node, op: str) -> UnsupportedModelError:
+        if op in ("add", "sub", "rsub"):
+            what = "two branches merged by a sum (a residual or skip connection, h + f(h))"
+        elif op in ("mul", "div"):
+            what = "a product of two computed tensors (gating, x * sigmoid(beta * x))"
+        else:
+            what = f"'{op}' of two computed tensors"
+        return _refuse(self._where(node), what, "graph networks are not supported yet; " +
+                       _CHAIN_ADVICE)
+
+    def _no_chain(self, node: fx.Node, inp: fx.Node) -> UnsupportedModelError:
+        """Why a node that does not take the current end of the chain is refused."""
+        used = [a for a in node.all_input_nodes if self._is_computed(a)]
+        fn = node.target if node.op == "call_function" else getattr(torch, str(node.target), None)
+        if fn in (torch.cat, torch.concat, torch.stack, torch.hstack):
+            what = ("a concatenation of computed tensors (torch.cat: a skip-concat of the input, "
+                    "Fourier features or a positional encoding)")
+            advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+        elif node.args and any(a is not None and a in used for a in node.all_input_nodes) and \
+                getattr(self, "_cur", None) in node.all_input_nodes:
+            what = f"two branches merged ({getattr(fn, '__name__', node.target)})"
+            advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+        elif not used:
+            what = ("a tensor computed from parameters or buffers alone (a weight computed in "
+                    "forward, such as g * v / |v|)")
+            advice = ("hessmlp reads weights from nn.Linear and F.linear of a parameter; use "
+                      "torch.nn.utils.parametrizations.weight_norm, which nn.Linear exposes as its "
+                      "weight")
+        elif inp in used:
+            what = "the input used a second time (a skip connection or branches from the input)"
+            advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+        else:
+            what = "a hidden state used a second time (a residual connection or a branch)"
+            advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+        return _refuse(self._where(node), what, advice)
+
+    def _is_meta(self, node: fx.Node) -> bool:
+        """x.shape, x.shape[0], x.dtype, x.device, x.size(...): reads of metadata."""
+        if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+            return node.args[1] in _META_ATTRS
+        if node.op == "call_method" and node.target in ("size", "dim"):
+            return True
+        if node.op == "call_function" and node.target is operator.getitem:
+            return isinstance(node.args[0], fx.Node) and node.args[0] in self.meta
+        return False
+
     def steps(self) -> List[Step]:
         nodes = list(self.graph.nodes)
         inputs = [n for n in nodes if n.op == "placeholder"]
         if len(inputs) != 1:
+            names = ", ".join(n.target for n in inputs)
             raise UnsupportedModelError(
-                f"hessmlp: {self.name}.forward must take exactly one tensor input, it takes "
-                f"{len(inputs)} ({', '.join(n.target for n in inputs)}); concatenate the inputs "
-                "into one x outside the model")
-        cur = inputs[0]
+                f"hessmlp: {self.name}.forward takes {len(inputs)} inputs ({names}); hessmlp "
+                "differentiates w.r.t. exactly one tensor input. Concatenate the inputs into one x "
+                f"outside the model (forward(self, x) with x = torch.cat([x, t], -1)). {_SEE}")
+        inp = cur = inputs[0]
         steps: List[Step] = []
         for node in nodes:
             if node.op in ("placeholder", "get_attr"):
                 continue
+            if self._is_meta(node):
+                self.meta.add(node)
+                continue
             if node.op == "output":
                 if node.args[0] is not cur:
-                    raise UnsupportedModelError(
-                        f"hessmlp: {self.name}.forward must return the single tensor at the end of "
-                        f"its chain, it returns {node.args[0]!r}")
+                    raise _refuse(self._where(node), f"returning {node.args[0]!r}",
+                                  "the forward must return the single tensor at the end of its "
+                                  "chain")
                 break
             args, kwargs = list(node.args), dict(node.kwargs)
             uses = [a for a in list(args) + list(kwargs.values()) if a is cur]
-            if node.op == "call_method":
-                if not args or args[0] is not cur:
-                    raise _refuse(self._where(node), f"method '{node.target}' not applied to the chain")
+            self._cur = cur
+            if node.op == "call_method" and args and args[0] is not cur and cur in args[1:] \
+                    and node.target in _ARITH_METHODS:
+                pass  # a constant's method with the chain as operand (buffer.mul(h)): _affine
+            elif node.op == "call_method" and (not args or args[0] is not cur):
+                raise self._no_chain(node, inp)
             elif not uses:
-                raise _refuse(self._where(node), "a computation that does not continue the chain")
+                raise self._no_chain(node, inp)
             steps += self._node_steps(node, cur, args, kwargs)
             cur = node
         return steps
+
+    def _identity(self, node, name, args, kwargs) -> Optional[List[Step]]:
+        """[] (or a width check) when a reshape or conversion is the identity on (B, n)
+        activations; None when it is not one of those."""
+        rest = [a for a in args[1:]]
+        if name in ("contiguous", "clone", "detach_") or (name == "flatten" and (
+                rest in ([1], [1, -1]) or kwargs in ({"start_dim": 1}, {"start_dim": 1, "end_dim": -1}))):
+            return []
+        if name in ("view", "reshape") and not kwargs:
+            shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            if len(shape) == 2:
+                batch, width = shape
+                batch_ok = batch == -1 or (isinstance(batch, fx.Node) and batch in self.meta)
+                if batch_ok and width == -1:
+                    return []
+                if batch_ok and isinstance(width, int) and not isinstance(width, bool):
+                    return [("width", self._where(node), width)]
+            return None
+        if name in ("float", "double") and not rest and not kwargs:
+            return [("dtype", self._where(node), torch.float32 if name == "float" else torch.float64)]
+        if name == "type_as" and len(rest) == 1 and isinstance(rest[0], fx.Node):
+            return []  # the same dtype as another tensor of the model: x's (checked by the op)
+        if name == "to":
+            ops = rest + list(kwargs.values())
+            if all(isinstance(o, fx.Node) and o in self.meta for o in ops):
+                return []  # .to(x.dtype), .to(x.device)
+            if len(ops) == 1 and isinstance(ops[0], torch.dtype):
+                return [("dtype", self._where(node), ops[0])]
+            if len(ops) == 1 and isinstance(ops[0], (torch.device, str)):
+                return []  # a device move: hessmlp checks that every tensor is on x's device
+        return None
 
     def _node_steps(self, node, cur, args, kwargs) -> List[Step]:
         where = self._where(node)
@@ -300,11 +484,18 @@ class _FxChain:
                 if len(args) != 1 or kwargs:
                     raise _refuse(where, f"Tensor.{name} with arguments")
                 return [("act", where, _FUNCS[fname][2]({}))]
-            if name in ("contiguous", "clone"):
-                return []
-            raise _refuse(where, f"Tensor.{name}")
+            same = self._identity(node, name, args, kwargs) if name in _RESHAPES else None
+            if same is not None:
+                return same
+            raise _refuse(where, f"Tensor.{name}" + (" with these arguments" if name in _RESHAPES else ""),
+                          "hessmlp reads elementwise functions between Linear layers; a reshape "
+                          "is accepted where it is the identity on (B, n) activations")
         # call_function
         fn = node.target
+        if fn in (torch.flatten, torch.reshape) and args and args[0] is cur:
+            same = self._identity(node, fn.__name__, args, kwargs)
+            if same is not None:
+                return same
         if fn in _ARITH:
             return [("act", where, self._affine(_ARITH[fn], args, kwargs, cur, node))]
         if fn is F.linear:
@@ -314,7 +505,9 @@ class _FxChain:
             w, b = a["weight"], a["bias"]
             for v in (w, b):
                 if v is not None and (not isinstance(v, fx.Node) or v.op != "get_attr"):
-                    raise _refuse(where, "F.linear with a computed weight or bias")
+                    raise _refuse(where, "F.linear with a weight or bias computed in forward",
+                                  "pass a parameter, or use torch.nn.utils.parametrizations on an "
+                                  "nn.Linear")
             if not isinstance(self._attr(w), torch.Tensor) or (
                     b is not None and not isinstance(self._attr(b), torch.Tensor)):
                 raise _refuse(where, "F.linear whose weight or bias is not a tensor")
@@ -365,11 +558,14 @@ class _FxChain:
             raise _refuse(where, f"'{op}' with extra arguments")
         lhs, rhs = args
         if lhs is cur and rhs is cur:
-            raise _refuse(where, f"'{op}' of the chain with itself")
+            raise _refuse(where, f"'{op}' of a tensor with itself",
+                          "only h * h (a square) is read that way")
         if op == "rsub":  # Tensor.__rsub__(self, other) = other - self
-            return Act("affine", -1.0, self._scalar(rhs, node))
+            if lhs is cur:
+                return Act("affine", -1.0, self._scalar(rhs, node, op))
+            return Act("affine", 1.0, -self._scalar(lhs, node, op))
         chain_left = lhs is cur
-        c = self._scalar(rhs if chain_left else lhs, node)
+        c = self._scalar(rhs if chain_left else lhs, node, op)
         if op == "mul":
             return Act("affine", c, 0.0)
         if op == "add":
@@ -385,12 +581,54 @@ class _FxChain:
         raise _refuse(where, op)
 
 
-# The structure of a model is kept on the model itself (per training flag, which fx
-# bakes in), so that compiled code reads it as a constant attribute.
+# The structure of a model is kept on the model itself with the fingerprint it was read
+# under, and read again whenever the fingerprint differs, so that it follows the model as it is
+# now: submodules replaced, added or removed, hyperparameters changed (Softplus.beta, a float
+# attribute a forward uses), hooks, train/eval, a copy. Compiled code reads it as a constant
+# attribute; dynamo guards on what the fingerprint reads.
 _CACHE_ATTR = "_hessmlp_structure"
 
 # torch.compiler.assume_constant_result takes a module argument from torch 2.13 on.
 _CONSTANT_OF_MODULE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+# nn.Module's own bookkeeping (parameters, buffers, children and hooks are fingerprinted apart).
+_MODULE_ATTRS = frozenset(nn.Module().__dict__) | {_CACHE_ATTR}
+_PLAIN = (bool, int, float, str, complex, type(None), torch.dtype, torch.device)
+
+
+def _frozen(v, depth: int = 0):
+    """A comparable stand-in for an attribute's value: plain values themselves, tensors by
+    identity and version (a forward may use them as constants), other objects by identity."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, (tuple, list)) and depth < 2 and len(v) <= 64:
+        return (type(v), tuple(_frozen(e, depth + 1) for e in v))
+    if isinstance(v, torch.Tensor):
+        return (torch.Tensor, id(v), v._version, v.requires_grad)
+    return (type(v), id(v))
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """What the structure read from ``model`` depends on, cheaply (no tracing): every module's
+    identity, class, training flag, plain attributes and hooks, the names of its parameters,
+    buffers and children, and the values (by version) of the tensors that may be read as
+    constants: buffers and parameters that do not require grad."""
+    out = []
+    todo = [model]
+    while todo:
+        m = todo.pop()
+        d = m.__dict__
+        attrs = tuple((k, _frozen(v)) for k, v in d.items() if k not in _MODULE_ATTRS)
+        params = tuple((k, None if p is None else (p.requires_grad or (id(p), p._version)))
+                       for k, p in d["_parameters"].items())
+        buffers = tuple((k, None if b is None else (id(b), b._version))
+                        for k, b in d["_buffers"].items())
+        hooks = (tuple(map(id, d["_forward_pre_hooks"].values())),
+                 tuple(map(id, d["_forward_hooks"].values())))
+        children = d["_modules"]
+        out.append((id(m), type(m), m.training, attrs, params, buffers, hooks, tuple(children)))
+        todo.extend(c for c in children.values() if c is not None)
+    return tuple(out)
 
 
 def _compute_steps(model: nn.Module) -> Tuple[Step, ...]:
@@ -398,37 +636,45 @@ def _compute_steps(model: nn.Module) -> Tuple[Step, ...]:
         return tuple(_module_steps(model, "model", ""))
     if type(model) in _DIRECT:
         return tuple(_module_steps(model, "model", ""))
+    _check_hooks(model, type(model).__name__)
     return tuple(_FxChain(model, type(model).__name__).steps())
 
 
 def _cached_steps(model: nn.Module) -> Tuple[Step, ...]:
-    cache = model.__dict__.setdefault(_CACHE_ATTR, {})
-    key = model.training
-    traced = not (isinstance(model, nn.Sequential) or type(model) in _DIRECT)
-    if traced and key in cache:
-        return cache[key]
-    # Sequential models are read again on every eager call (cheap), so that edits to them
-    # are seen; the cache entry is only replaced when the structure changed.
+    fp = _fingerprint(model)
+    cache = model.__dict__.get(_CACHE_ATTR)
+    if cache is not None and cache[0] == fp:
+        return cache[1]
     steps = _compute_steps(model)
-    if cache.get(key) != steps:
-        cache[key] = steps
-    return cache[key]
+    model.__dict__[_CACHE_ATTR] = (fp, steps)
+    return steps
 
 
 _constant_steps = torch.compiler.assume_constant_result(_cached_steps)
 
 
+def _compiled_key(model: nn.Module) -> tuple:
+    """The part of the fingerprint that dynamo traces, so that it guards on it: a compiled
+    function is compiled again when a submodule is replaced, a hyperparameter or the training
+    flag changes, or a hook comes or goes. (Buffers changed in place are not seen there.)"""
+    return tuple((type(m), m.training, len(m._forward_pre_hooks), len(m._forward_hooks),
+                  tuple((k, v) for k, v in m.__dict__.items()
+                        if k not in _MODULE_ATTRS and isinstance(v, _PLAIN)))
+                 for m in model.modules())
+
+
 def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
-    """The structure of ``model``: plain data, read once per model (and training flag)."""
+    """The structure of ``model``: plain data, read again only when its fingerprint changed."""
     if not torch.compiler.is_compiling():
         return _cached_steps(model)
-    cache = getattr(model, _CACHE_ATTR, None)
-    if cache is not None and model.training in cache:
-        return cache[model.training]
+    _compiled_key(model)  # (for its guards only)
     if _CONSTANT_OF_MODULE:
         return _constant_steps(model)
     # Older torch: Sequential models are traced through; a model that torch.fx must read
     # needs one eager hessmlp call before compiling (see the README).
+    cache = getattr(model, _CACHE_ATTR, None)
+    if cache is not None:
+        return cache[1]
     return _compute_steps(model)
 
 
@@ -443,6 +689,15 @@ def _get(model: nn.Module, path: str) -> torch.Tensor:
     return obj
 
 
+def _weight(model: nn.Module, spec) -> torch.Tensor:
+    """A Linear's weight: a path, or ("weight_norm", v path, g path, dim) for the legacy weight
+    norm, computed here as its hook does (differentiably w.r.t. g and v)."""
+    if isinstance(spec, str):
+        return _get(model, spec)
+    _, v, g, dim = spec
+    return torch._weight_norm(_get(model, v), _get(model, g), dim)
+
+
 def network_of(model: nn.Module) -> Network:
     """The flat description of ``model``, with its current parameters."""
     if not isinstance(model, nn.Module):
@@ -455,9 +710,12 @@ def network_of(model: nn.Module) -> Network:
     biases: List[Optional[torch.Tensor]] = []
     stages: List[List[Act]] = []
     where: List[str] = []
+    checks: List[tuple] = []
     for kind, w, item in steps:
-        if kind == "linear":
-            W, b = _get(model, item[0]), None if item[1] is None else _get(model, item[1])
+        if kind in ("width", "dtype"):
+            checks.append((kind, w, item, len(weights) - 1))
+        elif kind == "linear":
+            W, b = _weight(model, item[0]), None if item[1] is None else _get(model, item[1])
             weights.append(W)
             biases.append(b)
             stages.append([])
@@ -497,4 +755,4 @@ def network_of(model: nn.Module) -> Network:
             raise UnsupportedModelError(
                 f"hessmlp: {len(s)} elementwise functions follow {where[l]} before the next Linear "
                 f"layer; at most {MAX_STAGE_FUNCTIONS} are supported there")
-    return Network(weights, biases, stages, where)
+    return Network(weights, biases, stages, where, checks)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _cost, _ops  # noqa: F401  (_ops registers the fake kernels)
-from ._spec import Network, network_of
+from ._spec import Network, UnsupportedModelError, network_of
 
 __all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian", "set_memory_budget",
            "memory_budget"]
@@ -62,6 +62,18 @@ def _check_network(net: Network, x: torch.Tensor) -> None:
             raise ValueError(
                 f"hessmlp: {where} expects in_features={W.shape[1]} but {net.where[l - 1]} produces "
                 f"{net.weights[l - 1].shape[0]} features")
+    for kind, where, value, layer in net.checks:
+        if kind == "width":
+            n = d if layer < 0 else net.weights[layer].shape[0]
+            if value != n:
+                raise UnsupportedModelError(
+                    f"hessmlp: the reshape to (-1, {value}) at {where} is not the identity on this "
+                    f"model's ({n} features there): hessmlp reads reshapes only where they change "
+                    "nothing")
+        elif value != x.dtype:
+            raise UnsupportedModelError(
+                f"hessmlp: the conversion to {value} at {where} would change x's dtype {x.dtype}; "
+                f"pass x as {value} (and the model in {value})")
 
 
 def _select_output(net: Network, output) -> Network:
@@ -77,7 +89,8 @@ def _select_output(net: Network, output) -> Network:
     k = output % m
     b = net.biases[-1]
     return Network(net.weights[:-1] + [net.weights[-1][k:k + 1]],
-                   net.biases[:-1] + [None if b is None else b[k:k + 1]], net.stages, net.where)
+                   net.biases[:-1] + [None if b is None else b[k:k + 1]], net.stages, net.where,
+                   net.checks)
 
 
 def _kernel_keys() -> tuple:

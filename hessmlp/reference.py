@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of the closed form that the C++ kernels compute.
 
 Same math, written with plain torch ops on the flat network description:
-forward jets (DESIGN.md §2) for every mode and reverse-Gram (§3) for the full
+forward jets (docs/design.md §2) for every mode and reverse-Gram (§3) for the full
 Hessian. The elementwise functions' derivatives come from autograd applied to
 the real torch functions, so the kernels' hand-written derivative formulas are
 checked against an independent source. Slow; for tests and debugging.

@@ -27,7 +27,10 @@ std::pair<at::Tensor, at::Tensor> prims_of(int code, double p0, double p1, const
     case ACT_SOFTPLUS: return {at::sigmoid(z * p0), at::softplus(z, p0, p1)};
     case ACT_GELU: return {at::erf(z * kInvSqrt2), at::exp(z * z * -0.5)};
     case ACT_GELU_TANH: return {at::tanh((z + z * z * z * kGeluK1) * kGeluK0), {}};
-    case ACT_ELU: return {at::exp(at::clamp_max(z, 0.0)), {}};
+    case ACT_ELU: {
+      const at::Tensor zn = at::clamp_max(z, 0.0);  // (keeps NaN)
+      return {at::expm1(zn), at::exp(zn)};
+    }
     case ACT_SIN: {
       const at::Tensor w = z * p0;
       return {at::sin(w), at::cos(w)};

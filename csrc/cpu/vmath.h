@@ -98,11 +98,14 @@ inline HM_INLINE T tanh_elem(T z) {
   return z < T(0) ? -t : t;
 }
 
-// One element: 1 / (1 + exp(-z)), as e^z / (1 + e^z) for z < 0 (exp of -|z| only).
+// One element: 1 / (1 + exp(-z)), as e^z / (1 + e^z) for z < 0 (exp of -|z| only). Below
+// exp's clamp e^-|z| is 0, so that silu(z) = z sigmoid(z) is -0 there as in PyTorch, not z
+// times exp of the clamp.
 template <typename T>
 inline HM_INLINE T sigmoid_elem(T z) {
-  const ExpParts<T> x = exp_parts<T>(z < T(0) ? z : -z);
-  const T e = x.p2 + x.p2 * x.e;
+  const T nz = z < T(0) ? z : -z;
+  const ExpParts<T> x = exp_parts<T>(nz);
+  const T e = nz < ExpConst<T>::kLo ? T(0) : x.p2 + x.p2 * x.e;
   const T s = T(1) / (T(1) + e);
   return z < T(0) ? e * s : s;
 }
