@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels)
+from . import _memory
 
 _PAIRS = {"full": lambda d: d * (d + 1) // 2, "diag": lambda d: d, "trace": lambda d: 1,
           "none": lambda d: 0}
@@ -125,9 +126,27 @@ def _mlp_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian, grad_state):
     no_upstream = grad_value is None and grad_jacobian is None and grad_hessian is None
     if no_upstream or not (need_x or any(need_w) or any(need_b)):
         return (None, _shaped(needs[1], [None] * L), _shaped(needs[2], [None] * L)) + rest
-    gx, gw, gb = torch.ops.hessmlp.mlp_jet_backward(
-        grad_value, grad_jacobian, grad_hessian, x, weights, biases, stage_sizes, act_codes,
-        act_params, mode, state, [need_x, any(need_w), any(need_b)])
+    mask = [need_x, any(need_w), any(need_b)]
+    B, d = x.shape
+    rows = _memory.backward_rows(B, d, [w.shape[0] for w in weights], mode, x, not state)
+    if rows >= B:
+        gx, gw, gb = torch.ops.hessmlp.mlp_jet_backward(
+            grad_value, grad_jacobian, grad_hessian, x, weights, biases, stage_sizes, act_codes,
+            act_params, mode, state, mask)
+    else:
+        # In chunks of samples (the working memory of the whole batch would not fit): the
+        # gradients of x are rows apart, those of the parameters sums over the chunks.
+        gx, gw, gb = [], None, None
+        rows_of = lambda t, b0: None if t is None else t[b0:b0 + rows]  # noqa: E731
+        for b0 in range(0, B, rows):
+            cx, cw, cb = torch.ops.hessmlp.mlp_jet_backward(
+                rows_of(grad_value, b0), rows_of(grad_jacobian, b0), rows_of(grad_hessian, b0),
+                x[b0:b0 + rows], weights, biases, stage_sizes, act_codes, act_params, mode,
+                [s[b0:b0 + rows] for s in state], mask)
+            gx.append(cx)
+            gw = cw if gw is None else [a + b for a, b in zip(gw, cw)]
+            gb = cb if gb is None else [a + b for a, b in zip(gb, cb)]
+        gx = torch.cat(gx) if need_x else gx[0]
     return ((gx if need_x else None),
             _shaped(needs[1], [g if n else None for g, n in zip(gw, need_w)]),
             _shaped(needs[2], [g if n else None for g, n in zip(gb, need_b)])) + rest

@@ -1,14 +1,14 @@
 """The public functions: hessian, hessian_diag, laplacian, jacobian, jet."""
 from __future__ import annotations
 
-import contextlib
 import numbers
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from . import _cost, _ops  # noqa: F401  (_ops registers the fake kernels)
+from . import _memory, _ops  # noqa: F401  (_ops registers the fake kernels)
+from ._memory import memory_budget, set_memory_budget
 from ._spec import Network, UnsupportedModelError, network_of
 
 __all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian", "set_memory_budget",
@@ -127,20 +127,12 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
 
     if method not in ("auto", "forward", "reverse"):
         raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
-    itemsize = xb.element_size()
     # Training through the result: the backward is the adjoint of the forward jets, which
-    # saves each layer's state; reverse-Gram would leave the backward to recompute it.
+    # saves each layer's state; after reverse-Gram the backward recomputes it.
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xb, *net.weights, *net.biases))
-    if method == "auto" and save:
-        method = "forward"
     if method == "auto":
-        method = _cost.choose_method(d, widths, mode)
-        if mode != "none" and method == "forward":
-            # Prefer whichever fits when the cheaper one would not.
-            need = _cost.working_bytes(B, d, widths, mode, "forward", itemsize)
-            if not _fits(need, xb.device):
-                method = "reverse"
+        method = _memory.choose_method(B, d, widths, mode, xb, save)
     biases = net.biases
     if save and any(b is None for b in biases) and any(b is not None for b in biases):
         # Autograd cannot track a list that mixes None and tensors (see _ops.py).
@@ -150,12 +142,11 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         return torch.ops.hessmlp.mlp_jet(xc, net.weights, biases, net.stage_sizes, net.act_codes,
                                          net.act_params, mode, method, save)[:3]
 
-    rows = _rows_per_call(B, d, widths, mode, method, xb, save)
+    rows = _memory.rows_per_call(B, d, widths, mode, method, xb, save)
+    _memory.check_call(B, rows, d, widths, mode, method, xb, output, save)
     if rows >= B:
-        _check_size(B, d, widths, mode, method, xb, output, save)
         value, jac, hess = run(xb)
     else:
-        _check_size(rows, d, widths, mode, method, xb, output, save)
         parts = [run(xc) for xc in xb.split(rows)]
         value, jac, hess = (torch.cat([p[k] for p in parts]) for k in range(3))
     if mode == "none":
@@ -167,90 +158,6 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         value, jac = value[0], jac[0]
         hess = None if hess is None else hess[0]
     return Jet(value, jac, hess)
-
-
-_BUDGET: Optional[int] = None
-
-
-def set_memory_budget(nbytes: Optional[int]) -> Optional[int]:
-    """Caps the working memory of each hessmlp call at ``nbytes`` (None: no cap beyond the free
-    memory). A batch that would need more is computed in chunks of samples, one after the
-    other, with the same results. Memory that gradients must keep (the per-layer state saved
-    for the backward) is not capped. Returns the previous budget."""
-    global _BUDGET
-    if nbytes is not None:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
-            raise TypeError(f"hessmlp: the memory budget must be an int (bytes) or None, got "
-                            f"{type(nbytes).__name__}")
-        if nbytes <= 0:
-            raise ValueError(f"hessmlp: the memory budget must be positive, got {nbytes}")
-        nbytes = int(nbytes)
-    previous, _BUDGET = _BUDGET, nbytes
-    return previous
-
-
-@contextlib.contextmanager
-def memory_budget(nbytes: Optional[int]):
-    """``with hessmlp.memory_budget(2**30): ...``: set_memory_budget for a block of code."""
-    previous = set_memory_budget(nbytes)
-    try:
-        yield
-    finally:
-        set_memory_budget(previous)
-
-
-def _rows_per_call(B, d, widths, mode, method, x, save) -> int:
-    """Samples per op call under the memory budget (B when it fits or none is set)."""
-    if _BUDGET is None or B <= 1 or torch.compiler.is_compiling():
-        return max(B, 1)
-    need = _cost.working_bytes(B, d, widths, mode, method, x.element_size(), save)
-    if need <= _BUDGET:
-        return B
-    one = _cost.working_bytes(1, d, widths, mode, method, x.element_size(), save)
-    if one > _BUDGET:
-        raise MemoryError(
-            f"hessmlp: one sample needs about {one / 2**20:.1f} MiB (d={d}, mode '{mode}', method "
-            f"'{method}') but the memory budget is {_BUDGET / 2**20:.1f} MiB; raise it with "
-            "hessmlp.set_memory_budget")
-    rows = max(1, min(B, int(_BUDGET // one)))
-    block = _cost.cpu_block_rows(d, widths, mode, x.element_size(), method)
-    if x.device.type == "cpu" and block is not None and rows >= block:
-        # Whole blocks of the CPU kernels: every sample then sees the same GEMM shapes as in
-        # one call, and the results are the same to the bit.
-        rows -= rows % block
-    return rows
-
-
-# A call that needs less than this does not ask the system for its free memory (reading
-# /proc/meminfo costs more than such a call on the CPU).
-_SMALL_CALL_BYTES = 32 << 20
-
-
-def _fits(need: int, device: torch.device) -> bool:
-    """Whether ``need`` bytes fit in the free memory of ``device`` (True when it cannot be
-    told: inside compiled code, where free memory is a run-time fact)."""
-    if need < _SMALL_CALL_BYTES or torch.compiler.is_compiling():
-        return True
-    free = _cost.available_bytes(device)
-    return free is None or need <= free
-
-
-def _check_size(B, d, widths, mode, method, x, output, save) -> None:
-    need = _cost.working_bytes(B, d, widths, mode, method, x.element_size(), save)
-    if _fits(need, x.device):
-        return
-    free = _cost.available_bytes(x.device)
-    m = widths[-1]
-    hint = ("pass a smaller batch, or set hessmlp.set_memory_budget(nbytes) to have hessmlp "
-            "compute it in chunks")
-    if output is None and m > 1:
-        hint = f"select one output with output=k (the model has {m}), or " + hint
-    if mode == "full":
-        hint += ", or ask for hessian_diag / laplacian if that is all you need"
-    raise MemoryError(
-        f"hessmlp: this call needs about {need / 2**30:.2f} GiB on {x.device} (batch {B}, d={d}, "
-        f"{m} outputs, mode '{mode}', method '{method}') but only {free / 2**30:.2f} GiB is free; "
-        f"{hint}")
 
 
 def jet(model: nn.Module, x: torch.Tensor, hessian: Optional[str] = "full", output: Optional[int] = None,

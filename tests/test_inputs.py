@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import hessmlp
-from hessmlp import _cost
+from hessmlp import _cost, _memory
 
 from helpers import assert_rel_close, func_reference, random_mlp
 
@@ -128,9 +128,8 @@ def test_non_contiguous_weights():
 
 
 def test_huge_request_is_refused_before_allocating(monkeypatch, model):
-    from hessmlp import api
     monkeypatch.setattr(_cost, "available_bytes", lambda device: 10_000)
-    monkeypatch.setattr(api, "_SMALL_CALL_BYTES", 0)  # every call asks (see the next test)
+    monkeypatch.setattr(_memory, "SMALL_CALL_BYTES", 0)  # every call asks (see the next test)
     with pytest.raises(MemoryError, match=r"needs about .* GiB .* output=k .* smaller batch"):
         hessmlp.hessian(model, torch.zeros(1000, 3, dtype=f64))
     with pytest.raises(MemoryError, match="smaller batch"):
@@ -140,15 +139,13 @@ def test_huge_request_is_refused_before_allocating(monkeypatch, model):
 def test_small_calls_do_not_ask_for_free_memory(monkeypatch, model):
     # Reading /proc/meminfo costs more than a small call: only calls that need 32 MiB or
     # more ask for the free memory.
-    from hessmlp import api
-
     def refuse(device):
         raise AssertionError("a small call asked for the free memory")
 
     monkeypatch.setattr(_cost, "available_bytes", refuse)
     for method in ("auto", "forward", "reverse"):
         hessmlp.hessian(model, torch.zeros(64, 3, dtype=f64), method=method)
-    big = 2 * api._SMALL_CALL_BYTES // (8 * 3 * 3)  # samples whose Hessians alone need 64 MiB
+    big = 2 * _memory.SMALL_CALL_BYTES // (8 * 3 * 3)  # samples whose Hessians alone need 64 MiB
     with pytest.raises(AssertionError, match="asked for the free memory"):
         hessmlp.hessian(model, torch.zeros(big, 3, dtype=f64))
 
@@ -216,7 +213,7 @@ def test_memory_budget_chunks_agree_to_rounding(mode, method, dtype, B, divisor)
     ref = hessmlp.jet(model, x, hessian=mode, method=method)
     need = _cost.working_bytes(B, 3, [32, 32, 2], mode or "none", method, x.element_size(), True)
     with hessmlp.memory_budget(need // divisor):
-        rows = hessmlp.api._rows_per_call(B, 3, [32, 32, 2], mode or "none", method, x, True)
+        rows = _memory.rows_per_call(B, 3, [32, 32, 2], mode or "none", method, x, True)
         assert 1 < rows < B  # chunked
         got = hessmlp.jet(model, x, hessian=mode, method=method)
     tol = CHUNK_RTOL[dtype]

@@ -1,0 +1,195 @@
+"""Memory: the budget a call may use, which method fits, how many samples go into one op call,
+and the MemoryErrors that say what to do. The sizes come from _cost.working_bytes.
+
+The budget: ``set_memory_budget`` sets a process-wide default; ``with memory_budget(n):``
+overrides it for the current thread (or asyncio task) only, and each block restores exactly
+what it changed, also when blocks are left in another order than entered (generators).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import numbers
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import _cost
+
+# The process-wide default (set_memory_budget), and the stack of this context's
+# memory_budget blocks: ((block id, nbytes), ...), the innermost last.
+_DEFAULT: Optional[int] = None
+_BLOCKS: contextvars.ContextVar = contextvars.ContextVar("hessmlp_memory_budget", default=())
+
+# A call that needs less than this does not ask the system for its free memory (reading
+# /proc/meminfo costs more than such a call on the CPU).
+SMALL_CALL_BYTES = 32 << 20
+
+
+def _check_budget(nbytes) -> Optional[int]:
+    if nbytes is None:
+        return None
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"hessmlp: the memory budget must be an int (bytes) or None, got "
+                        f"{type(nbytes).__name__}")
+    if nbytes <= 0:
+        raise ValueError(f"hessmlp: the memory budget must be positive, got {nbytes}")
+    return int(nbytes)
+
+
+def budget() -> Optional[int]:
+    """The budget in force here: the innermost memory_budget block of this thread or task,
+    else the process-wide default."""
+    blocks = _BLOCKS.get()
+    return blocks[-1][1] if blocks else _DEFAULT
+
+
+def set_memory_budget(nbytes: Optional[int]) -> Optional[int]:
+    """Sets the process-wide cap on the working memory of each hessmlp call (None: no cap
+    beyond the free memory); ``with hessmlp.memory_budget(n):`` blocks override it in their
+    own thread. A batch that would need more is computed in chunks of samples, one after the
+    other, with the same results up to rounding, and so is its backward. Returns the previous
+    default."""
+    global _DEFAULT
+    nbytes = _check_budget(nbytes)
+    previous, _DEFAULT = _DEFAULT, nbytes
+    return previous
+
+
+@contextlib.contextmanager
+def memory_budget(nbytes: Optional[int]):
+    """``with hessmlp.memory_budget(2**30): ...``: a budget for the calls of this block, in
+    this thread (or asyncio task) only; None lifts the cap inside the block."""
+    entry = (object(), _check_budget(nbytes))
+    _BLOCKS.set(_BLOCKS.get() + (entry,))
+    try:
+        yield
+    finally:
+        _BLOCKS.set(tuple(e for e in _BLOCKS.get() if e[0] is not entry[0]))
+
+
+def fits(need: int, device: torch.device) -> bool:
+    """Whether ``need`` bytes fit in the free memory of ``device`` (True when it cannot be
+    told: inside compiled code, where free memory is a run-time fact)."""
+    if need < SMALL_CALL_BYTES or torch.compiler.is_compiling():
+        return True
+    free = _cost.available_bytes(device)
+    return free is None or need <= free
+
+
+def rows_per_call(B, d, widths, mode, method, x, save) -> int:
+    """Samples per op call under the budget (B when it fits or none is set); 0 when not even
+    one sample fits in it."""
+    cap = budget()
+    if cap is None or B <= 1 or torch.compiler.is_compiling():
+        return max(B, 1)
+    itemsize = x.element_size()
+    if _cost.working_bytes(B, d, widths, mode, method, itemsize, save) <= cap:
+        return B
+    one = _cost.working_bytes(1, d, widths, mode, method, itemsize, save)
+    if one > cap:
+        return 0
+    rows = max(1, min(B, int(cap // one)))
+    block = _cost.cpu_block_rows(d, widths, mode, itemsize, method)
+    if x.device.type == "cpu" and block is not None and rows >= block:
+        rows -= rows % block  # whole blocks of the CPU kernels
+    return rows
+
+
+def _feasible(B, d, widths, mode, method, x, save) -> bool:
+    rows = rows_per_call(B, d, widths, mode, method, x, save)
+    if rows == 0:
+        return False
+    need = _cost.working_bytes(min(rows, B), d, widths, mode, method, x.element_size(), save)
+    return fits(need, x.device)
+
+
+def choose_method(B, d, widths, mode, x, save) -> str:
+    """method='auto': forward jets when gradients will flow (their saved state serves the
+    backward) else the cheaper by the cost model, unless it does not fit where the other
+    does. (Reverse-Gram under gradients: the backward recomputes the state, in chunks.)"""
+    if d == 0:
+        return "forward"
+    first = "forward" if save else _cost.choose_method(d, widths, mode)
+    other = "reverse" if first == "forward" else "forward"
+    if _feasible(B, d, widths, mode, first, x, save):
+        return first
+    if _feasible(B, d, widths, mode, other, x, save):
+        return other
+    return first
+
+
+def _ways_out(B, d, widths, mode, method, x, output, save, backward=False) -> str:
+    """What the user can do, each way checked to help: another method, output=k, a cheaper
+    mode, torch.no_grad(), a smaller batch or a memory budget."""
+    m = widths[-1]
+    ways: List[str] = []
+    other = "reverse" if method == "forward" else "forward"
+    if not backward and d > 0 and _feasible(B, d, widths, mode, other, x, save):
+        ways.append(f"method='{other}' (it fits)")
+    if output is None and m > 1:
+        ways.append(f"select one output with output=k (the model has {m})")
+    if mode == "full":
+        ways.append("ask for hessian_diag or laplacian if that is all you need")
+    if save:
+        ways.append("wrap the call in torch.no_grad() if you do not need gradients through it "
+                    "(then nothing is kept for a backward)")
+    one_fits = fits(_cost.working_bytes(1, d, widths, mode, "forward" if backward else method,
+                                        x.element_size(), save or backward), x.device)
+    if one_fits and B > 1:
+        ways.append("pass a smaller batch, or set hessmlp.set_memory_budget(nbytes) (or "
+                    "`with hessmlp.memory_budget(nbytes):`) to have hessmlp compute it in chunks "
+                    "of samples")
+    return "; ".join(ways) if ways else "use a smaller model or a machine with more memory"
+
+
+def check_call(B, rows, d, widths, mode, method, x, output, save) -> None:
+    """Raises a MemoryError, before anything is allocated, when the chunks of ``rows``
+    samples (0: not even one sample fits the budget) do not fit."""
+    itemsize = x.element_size()
+    cap = budget()
+    if rows == 0:
+        one = _cost.working_bytes(1, d, widths, mode, method, itemsize, save)
+        raise MemoryError(
+            f"hessmlp: one sample needs about {one / 2**20:.1f} MiB (d={d}, mode '{mode}', method "
+            f"'{method}') but the memory budget is {cap / 2**20:.1f} MiB; raise the budget, or "
+            + _ways_out(B, d, widths, mode, method, x, output, save))
+    need = _cost.working_bytes(min(rows, B), d, widths, mode, method, itemsize, save)
+    if fits(need, x.device):
+        return
+    free = _cost.available_bytes(x.device)
+    raise MemoryError(
+        f"hessmlp: this call needs about {need / 2**30:.2f} GiB on {x.device} (batch "
+        f"{min(rows, B)}, d={d}, {widths[-1]} outputs, mode '{mode}', method '{method}') but only "
+        f"{free / 2**30:.2f} GiB is free. Ways out: "
+        + _ways_out(B, d, widths, mode, method, x, output, save))
+
+
+def backward_rows(B: int, d: int, widths: Sequence[int], mode: str, x: torch.Tensor,
+                  recompute: bool) -> int:
+    """Samples per call of the backward op: all of them when its working memory (the forward
+    jets' state, recomputed when the forward kept none, and the sweep) fits the budget and the
+    free memory, else chunks; MemoryError when one sample does not fit."""
+    itemsize = x.element_size()
+
+    def need(rows):
+        if recompute:
+            return _cost.working_bytes(rows, d, widths, mode, "forward", itemsize, True)
+        cols = 1 + d + _cost._pairs(mode, d)
+        return 3 * rows * cols * max(widths) * itemsize
+
+    if torch.compiler.is_compiling() or B <= 1:
+        return max(B, 1)
+    full = need(B)
+    free = _cost.available_bytes(x.device) if full >= SMALL_CALL_BYTES else None
+    limits = [v for v in (budget(), free) if v is not None]
+    if not limits or full <= min(limits):
+        return B
+    limit, one = min(limits), need(1)
+    if one > limit:
+        raise MemoryError(
+            f"hessmlp: the backward of this call needs about {one / 2**30:.2f} GiB per sample "
+            f"(the forward jets' state of mode '{mode}' at d={d}, recomputed for the gradients) but "
+            f"{limit / 2**30:.2f} GiB is what it may use. Ways out: "
+            + _ways_out(B, d, widths, mode, "forward", x, None, True, backward=True))
+    return max(1, min(B, int(limit // one)))
