@@ -39,7 +39,10 @@ def _check_budget(nbytes) -> Optional[int]:
 
 def budget() -> Optional[int]:
     """The budget in force here: the innermost memory_budget block of this thread or task,
-    else the process-wide default."""
+    else the process-wide default. None inside compiled code (a compiled graph takes its batch
+    whole)."""
+    if torch.compiler.is_compiling():
+        return None
     blocks = _BLOCKS.get()
     return blocks[-1][1] if blocks else _DEFAULT
 
@@ -81,7 +84,7 @@ def rows_per_call(B, d, widths, mode, method, x, save) -> int:
     """Samples per op call under the budget (B when it fits or none is set); 0 when not even
     one sample fits in it."""
     cap = budget()
-    if cap is None or B <= 1 or torch.compiler.is_compiling():
+    if cap is None or B <= 1:
         return max(B, 1)
     itemsize = x.element_size()
     if _cost.working_bytes(B, d, widths, mode, method, itemsize, save) <= cap:

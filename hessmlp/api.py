@@ -110,7 +110,24 @@ def _check_backend(x: torch.Tensor) -> None:
             f"{', '.join(_KERNEL_KEYS)}); move the model and x to the CPU")
 
 
+def _check_context() -> None:
+    """Transforms hessmlp cannot run under, refused with what works instead."""
+    if torch.compiler.is_compiling():
+        return
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "hessmlp: torch.jit.trace cannot record hessmlp's calls (nor torch.jit.script compile "
+            "them). Use torch.compile, which compiles hessmlp's ops, also with fullgraph=True.")
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            "hessmlp: torch.func transforms (grad, vmap, jacrev, jvp, functional_call under them) "
+            "cannot run through hessmlp's ops. hessmlp is batched already and its results are "
+            "differentiable by autograd: call it on the batch and use loss.backward() or "
+            "torch.autograd.grad(loss, params) for gradients (torch.compile works too).")
+
+
 def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Jet:
+    _check_context()
     x = _check_x(x)
     if hessian not in _MODES:
         raise ValueError(f"hessmlp: hessian must be 'full', 'diag', 'trace' or None, got {hessian!r}")
@@ -160,7 +177,8 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     return Jet(value, jac, hess)
 
 
-def jet(model: nn.Module, x: torch.Tensor, hessian: Optional[str] = "full", output: Optional[int] = None,
+def jet(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
+        x: torch.Tensor, hessian: Optional[str] = "full", output: Optional[int] = None,
         method: str = "auto") -> Jet:
     """Value, Jacobian and second derivatives of ``model`` at ``x`` in one pass.
 
@@ -178,25 +196,29 @@ def jet(model: nn.Module, x: torch.Tensor, hessian: Optional[str] = "full", outp
     return _run(model, x, hessian, output, method)
 
 
-def hessian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
+def hessian(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
+            x: torch.Tensor, output: Optional[int] = None,
             method: str = "auto") -> torch.Tensor:
     """d^2 y / dx^2: (B, m, d, d), (B, d, d) with output=k; unbatched x drops B."""
     return _run(model, x, "full", output, method).hessian
 
 
-def hessian_diag(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
+def hessian_diag(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
+                 x: torch.Tensor, output: Optional[int] = None,
                  method: str = "auto") -> torch.Tensor:
     """d^2 y_k / dx_i^2: (B, m, d), (B, d) with output=k; unbatched x drops B."""
     return _run(model, x, "diag", output, method).hessian
 
 
-def laplacian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
+def laplacian(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
+              x: torch.Tensor, output: Optional[int] = None,
               method: str = "auto") -> torch.Tensor:
     """Trace of the Hessian: (B, m), (B,) with output=k; unbatched x drops B."""
     return _run(model, x, "trace", output, method).hessian
 
 
-def jacobian(model: nn.Module, x: torch.Tensor, output: Optional[int] = None,
+def jacobian(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
+             x: torch.Tensor, output: Optional[int] = None,
              method: str = "auto") -> torch.Tensor:
     """dy/dx: (B, m, d), (B, d) with output=k; unbatched x drops B. method: 'forward'
     (forward jets: 1 + d columns) or 'reverse' (backpropagation: the value forward, m

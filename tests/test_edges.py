@@ -172,3 +172,33 @@ def test_autocast_computes_in_the_parameters_dtype(method, B, amp):
         lap = hessmlp.laplacian(model, x)
     (g,) = torch.autograd.grad(lap.sum(), [x])
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
+# ---------------------------------------------------------------- transforms hessmlp refuses
+
+def test_torch_func_transforms_are_refused_with_what_works():
+    model = hessmlp.MLP(2, [8], 1)
+    x = torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match=r"torch.func transforms .* loss.backward\(\)"):
+        torch.func.grad(lambda x: hessmlp.laplacian(model, x).sum())(x)
+    with pytest.raises(RuntimeError, match="hessmlp is batched already"):
+        torch.func.vmap(lambda xi: hessmlp.laplacian(model, xi))(x)
+
+
+def test_torchscript_is_refused_with_what_works():
+    model = hessmlp.MLP(2, [8], 1)
+    x = torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace .* Use torch.compile"):
+        torch.jit.trace(lambda x: hessmlp.laplacian(model, x), (x,))
+
+    class Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return hessmlp.laplacian(self.net, x)
+
+    # TorchScript's compiler stops at hessmlp's signature; the line it shows says what to do.
+    with pytest.raises(RuntimeError, match=r"(?s)not TorchScript: use torch.compile"):
+        torch.jit.script(Loss())

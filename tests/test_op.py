@@ -213,3 +213,54 @@ def test_compile_user_class_without_eager_warmup():
     assert not hasattr(model, "_hessmlp_structure")
     loss = torch.compile(_pinn_loss, fullgraph=True)(model, x, f)
     torch.testing.assert_close(loss, _pinn_loss(model, x, f), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: hessmlp.MLP(2, [16, 16], 1), PinnNet],
+                         ids=["MLP", "user_class"])
+def test_compile_step_returning_the_loss_fails_with_torchs_message(make):
+    """A whole step that returns the loss it backwarded through, compiled with no eager call
+    first: torch's own message (detach it), not an error from inside hessmlp."""
+    torch._dynamo.reset()
+    model, x, f = _pinn_problem(make=make)
+
+    def step(model, x, f):
+        loss = _pinn_loss(model, x, f)
+        loss.backward()
+        return loss
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with pytest.raises(Exception, match=r"loss\.detach\(\)") as info:
+            torch.compile(step, fullgraph=True)(model, x, f)
+    assert "Speculation" not in str(info.value) and "hessmlp" not in str(info.value)
+
+
+def test_readme_compiled_training_step():
+    """The compiled step the README shows: the same losses as eager over a few steps."""
+    torch._dynamo.reset()
+
+    def train(compiled):
+        torch.manual_seed(0)
+        model = hessmlp.MLP(2, [16, 16], 1, activation="tanh").double()
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        x_interior, x_boundary = torch.rand(64, 2, dtype=f64), torch.rand(16, 2, dtype=f64)
+        f = torch.sin(3 * x_interior[:, 0])
+
+        def loss_and_grads(x_interior, f, x_boundary):
+            lap = hessmlp.laplacian(model, x_interior, output=0)
+            loss = ((-lap - f) ** 2).mean() + 100 * (model(x_boundary) ** 2).mean()
+            loss.backward()
+            return loss.detach()
+
+        if compiled:
+            loss_and_grads = torch.compile(loss_and_grads, fullgraph=True)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            losses.append(loss_and_grads(x_interior, f, x_boundary))
+            opt.step()
+        return torch.stack(losses)
+
+    eager = train(False)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = train(True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=0)

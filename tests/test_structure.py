@@ -266,6 +266,40 @@ def test_compiled_laplacian_follows_structure_changes():
     assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "tanh, compiled")
 
 
+class SineScaledNet(nn.Module):
+    """A float attribute and a scalar buffer, both read as constants of the chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(2, 8)
+        self.l2 = nn.Linear(8, 1)
+        self.w0 = 3.0
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        h = torch.sin(self.w0 * self.l1(x))
+        return self.l2(torch.tanh(h * self.scale))
+
+
+def test_compiled_laplacian_follows_attribute_and_buffer_changes():
+    # BUG: under torch.compile a scalar buffer changed in place (fill_) or replaced by a new
+    # tensor is not seen: _compiled_key guards only on plain attributes, and the structure
+    # (with the old constant) is baked into the graph, so the compiled Laplacian is silently
+    # wrong (max error ~1.4 after fill_, ~0.5 after reassigning). The float attribute passes.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = SineScaledNet().double()
+    x = _x(2)
+    lap = torch.compile(lambda x: hessmlp.laplacian(m, x), fullgraph=True)
+    assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "w0=3, scale=2")
+    m.w0 = 1.5
+    assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "w0=1.5, compiled")
+    m.scale.fill_(3.0)
+    assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "scale=3 after fill_, compiled")
+    m.scale = torch.tensor(0.5, dtype=f64)
+    assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "scale=0.5 after reassigning, compiled")
+
+
 # ------------------------------------------------------------------ 3. weight norm
 
 wn_legacy = torch.nn.utils.weight_norm
