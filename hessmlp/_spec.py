@@ -310,6 +310,7 @@ class _FxChain:
                 "x's entries) has no single graph. Write the model as an nn.Sequential or a "
                 f"straight chain of calls (see hessmlp.MLP). {_SEE}") from e
         self.meta: set = set()  # nodes that only read metadata of a tensor (x.shape, x.dtype)
+        self.consts: List[Step] = []  # tensors read as constants: ("const", where, (path, value))
 
     def _where(self, node: fx.Node) -> str:
         """The innermost user module holding node, and the user's source line."""
@@ -321,7 +322,10 @@ class _FxChain:
             if isinstance(cls, str):  # some torch versions keep the class name
                 cls = type(cls, (), {})
         qual = f"{self.name}.{path}" if path else self.name
-        where = f"{cls.__name__} ({qual})" if path else f"{qual}.forward"
+        if path or self.name != cls.__name__:
+            where = f"{cls.__name__} ({qual})"  # e.g. Swish (model[1]), Swish (Net.act)
+        else:
+            where = f"{qual}.forward"  # the model itself
         line = _user_line(node.meta.get("stack_trace"))
         return f"{where}, {line}" if line else where
 
@@ -345,14 +349,20 @@ class _FxChain:
                               "hessmlp reads scalar constants between Linear layers, not per-feature "
                               "ones yet")
             if t.requires_grad:
-                raise _refuse(self._where(node), f"a learnable scalar '{v.target}'",
-                              "trainable activation parameters (adaptive activations) are not "
-                              "supported yet; freeze it with requires_grad_(False) to treat it as a "
-                              "constant")
-            return float(t.item())
+                raise self._learnable(node, v.target)
+            value = float(t.item())
+            # Read as a constant: the structure is read again when it changes (eager), and
+            # compiled code checks it (network_of).
+            self.consts.append(("const", self._where(node), (_join(self.path, v.target), value)))
+            return value
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise _refuse(self._where(node), f"an operand of type {type(v).__name__}")
         return float(v)
+
+    def _learnable(self, node: fx.Node, name: str) -> UnsupportedModelError:
+        return _refuse(self._where(node), f"a learnable scalar '{name}' (an adaptive activation)",
+                       "trainable activation parameters are not supported yet; freeze it with "
+                       "requires_grad_(False) to treat it as a constant")
 
     def _two_tensors(self, node: fx.Node, op: str) -> UnsupportedModelError:
         if op in ("add", "sub", "rsub"):
@@ -376,6 +386,9 @@ class _FxChain:
                 getattr(self, "_cur", None) in node.all_input_nodes:
             what = f"two branches merged ({getattr(fn, '__name__', node.target)})"
             advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+        elif not used and any(self._is_learnable_scalar(a) for a in node.all_input_nodes):
+            name = next(a.target for a in node.all_input_nodes if self._is_learnable_scalar(a))
+            return self._learnable(node, name)
         elif not used:
             what = ("a tensor computed from parameters or buffers alone (a weight computed in "
                     "forward, such as g * v / |v|)")
@@ -383,12 +396,19 @@ class _FxChain:
                       "torch.nn.utils.parametrizations.weight_norm, which nn.Linear exposes as its "
                       "weight")
         elif inp in used:
-            what = "the input used a second time (a skip connection or branches from the input)"
+            what = ("the input used a second time (a skip connection, or branches from the input "
+                    "such as Fourier features sin(x @ B), cos(x @ B))")
             advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
         else:
             what = "a hidden state used a second time (a residual connection or a branch)"
             advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
         return _refuse(self._where(node), what, advice)
+
+    def _is_learnable_scalar(self, v: fx.Node) -> bool:
+        if v.op != "get_attr":
+            return False
+        t = self._attr(v)
+        return isinstance(t, torch.Tensor) and t.numel() == 1 and t.requires_grad
 
     def _is_meta(self, node: fx.Node) -> bool:
         """x.shape, x.shape[0], x.dtype, x.device, x.size(...): reads of metadata."""
@@ -435,7 +455,7 @@ class _FxChain:
                 raise self._no_chain(node, inp)
             steps += self._node_steps(node, cur, args, kwargs)
             cur = node
-        return steps
+        return steps + self.consts
 
     def _identity(self, node, name, args, kwargs) -> Optional[List[Step]]:
         """[] (or a width check) when a reshape or conversion is the identity on (B, n)
@@ -449,8 +469,8 @@ class _FxChain:
             if len(shape) == 2:
                 batch, width = shape
                 batch_ok = batch == -1 or (isinstance(batch, fx.Node) and batch in self.meta)
-                if batch_ok and width == -1:
-                    return []
+                if batch_ok and (width == -1 or (isinstance(width, fx.Node) and width in self.meta)):
+                    return []  # (-1, -1) or (B, h.shape[1]): the identity
                 if batch_ok and isinstance(width, int) and not isinstance(width, bool):
                     return [("width", self._where(node), width)]
             return None
@@ -513,6 +533,14 @@ class _FxChain:
                 raise _refuse(where, "F.linear whose weight or bias is not a tensor")
             return [("linear", where, (_join(self.path, w.target),
                                        None if b is None else _join(self.path, b.target)))]
+        if fn in (operator.matmul, torch.matmul, torch.mm) and len(args) == 2 and not kwargs:
+            w = args[1]
+            if args[0] is cur and isinstance(w, fx.Node) and w.op == "get_attr" and \
+                    isinstance(self._attr(w), torch.Tensor) and self._attr(w).dim() == 2:
+                return [("linear", where, (("t", _join(self.path, w.target)), None))]
+            raise _refuse(where, "a matrix product with a computed tensor",
+                          "hessmlp reads h @ W with W a parameter or buffer (a Linear without "
+                          "bias); " + _CHAIN_ADVICE)
         if fn is F.dropout:
             a = self._bind(node, args, kwargs, ("input", "p", "training", "inplace"),
                            {"p": 0.5, "training": True, "inplace": False})
@@ -643,8 +671,10 @@ def _compute_steps(model: nn.Module) -> Tuple[Step, ...]:
 def _cached_steps(model: nn.Module) -> Tuple[Step, ...]:
     fp = _fingerprint(model)
     cache = model.__dict__.get(_CACHE_ATTR)
-    if cache is not None and cache[0] == fp:
-        return cache[1]
+    if cache is not None and cache[0] == fp and all(
+            float(_get(model, path).item()) == value
+            for kind, _, (path, value) in (st for st in cache[1] if st[0] == "const")):
+        return cache[1]  # (constants compared by value: writes through .data keep the version)
     steps = _compute_steps(model)
     model.__dict__[_CACHE_ATTR] = (fp, steps)
     return steps
@@ -694,6 +724,8 @@ def _weight(model: nn.Module, spec) -> torch.Tensor:
     norm, computed here as its hook does (differentiably w.r.t. g and v)."""
     if isinstance(spec, str):
         return _get(model, spec)
+    if spec[0] == "t":  # h @ W: the weight of a Linear is W^T
+        return _get(model, spec[1]).t()
     _, v, g, dim = spec
     return torch._weight_norm(_get(model, v), _get(model, g), dim)
 
@@ -714,6 +746,13 @@ def network_of(model: nn.Module) -> Network:
     for kind, w, item in steps:
         if kind in ("width", "dtype"):
             checks.append((kind, w, item, len(weights) - 1))
+        elif kind == "const":
+            if torch.compiler.is_compiling():
+                # Compiled code took the value as a constant: stop rather than use an old one.
+                torch._assert_async(_get(model, item[0]) == item[1],
+                                    f"hessmlp: the tensor '{item[0]}' read as a constant at {w} "
+                                    "changed since this code was compiled; call "
+                                    "torch.compiler.reset()")
         elif kind == "linear":
             W, b = _weight(model, item[0]), None if item[1] is None else _get(model, item[1])
             weights.append(W)

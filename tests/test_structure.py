@@ -210,9 +210,7 @@ def test_scalar_buffer_filled_in_place_is_read_again():
 
 
 def test_scalar_buffer_changed_through_data_is_read_again():
-    # BUG: `.data` writes do not bump the tensor's version counter, and _fingerprint keys
-    # buffers (and frozen parameters) by (id, _version), so hessmlp keeps the structure read
-    # with the old constant and returns a silently wrong Hessian (max error ~0.15 here).
+    # `.data` writes keep the tensor's version counter: constants are compared by value.
     torch.manual_seed(0)
     m = ScaledNet().double()
     x = _x(3)
@@ -282,10 +280,9 @@ class SineScaledNet(nn.Module):
 
 
 def test_compiled_laplacian_follows_attribute_and_buffer_changes():
-    # BUG: under torch.compile a scalar buffer changed in place (fill_) or replaced by a new
-    # tensor is not seen: _compiled_key guards only on plain attributes, and the structure
-    # (with the old constant) is baked into the graph, so the compiled Laplacian is silently
-    # wrong (max error ~1.4 after fill_, ~0.5 after reassigning). The float attribute passes.
+    # A float attribute is guarded by dynamo (recompiled); a scalar buffer read as a constant
+    # cannot be guarded, so compiled code checks it and stops with a clear error when it changed
+    # (never an old value); after torch.compiler.reset() it is read again.
     torch._dynamo.reset()
     torch.manual_seed(0)
     m = SineScaledNet().double()
@@ -295,9 +292,14 @@ def test_compiled_laplacian_follows_attribute_and_buffer_changes():
     m.w0 = 1.5
     assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "w0=1.5, compiled")
     m.scale.fill_(3.0)
-    assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "scale=3 after fill_, compiled")
+    with pytest.raises(RuntimeError, match=r"'scale' read as a constant .* changed since this code "
+                                           r"was compiled; call torch.compiler.reset\(\)"):
+        lap(x)
+    torch.compiler.reset()
+    assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "scale=3 after fill_ and a reset")
     m.scale = torch.tensor(0.5, dtype=f64)
-    assert_rel_close(lap(x), _ref_laplacian(m, x), f64, "scale=0.5 after reassigning, compiled")
+    with pytest.raises(RuntimeError, match="changed since this code was compiled"):
+        lap(x)
 
 
 # ------------------------------------------------------------------ 3. weight norm
@@ -604,17 +606,10 @@ def test_refusal_messages(make, cls_name, line, cause):
 
 
 def test_refusal_message_adaptive_tanh():
-    # BUG: L-LAAF's tanh(n * a * x) with a learnable a is refused as "a tensor computed from
-    # parameters or buffers alone (a weight computed in forward, such as g * v / |v|)" with
-    # advice to use parametrizations.weight_norm: the cause (a learnable scalar slope, n * a is
-    # evaluated first) is not the one stated.
     _assert_refusal(Body(AdaptiveTanh()), "AdaptiveTanh", _LAAF_LINE, r"learnable scalar")
 
 
 def test_refusal_message_fourier_features():
-    # BUG: the first node refused is `x @ self.B`, and the message states only
-    # "function _operator.matmul ... is not supported" with the generic chain advice: neither
-    # the concatenation nor Fourier features, for which _no_chain has a message, is named.
     _assert_refusal(FourierNet(), "FourierFeatureEmbedding", _FOURIER_LINE,
                     r"concatenation|Fourier features")
 
@@ -626,9 +621,6 @@ def test_refusal_message_fourier_features():
      _RESIDUAL_LINE, r"two branches merged by a sum"),
 ], ids=["swish", "residual"])
 def test_refusal_messages_user_module_inside_sequential(make, cls_name, line, cause):
-    # BUG: a user module inside an nn.Sequential is traced as its own root, with an empty
-    # nn_module_stack, and _FxChain._where then names it "model[1].forward" only: the message
-    # does not name the user's class (Swish, ResidualBlock).
     msg = _assert_refusal(make(), cls_name, line, cause)
     assert "model[1]" in msg
 
