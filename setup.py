@@ -2,10 +2,12 @@
 
 CUDA is built when torch is a CUDA build and a CUDA toolkit is found, never
 because a GPU happens to be visible. Overrides: FORCE_CUDA=1, FORCE_ONLY_CPU=1.
-DEBUG=1 builds with -O0 -g, LINE_INFO=1 adds -lineinfo to nvcc.
+DEBUG=1 builds with -O0 -g, LINE_INFO=1 adds -lineinfo to nvcc. ccache is used when installed
+(NO_CCACHE=1: not).
 """
 import glob
 import os
+import shutil
 import sys
 
 import torch
@@ -27,9 +29,22 @@ def use_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def use_ccache():
+    """Compile through ccache when it is installed (its compiler links, as Debian and most
+    distributions put them): a rebuild of unchanged files then takes seconds."""
+    if _flag("NO_CCACHE") or not shutil.which("ccache"):
+        return
+    for links in ("/usr/lib/ccache", "/usr/lib64/ccache", "/usr/local/opt/ccache/libexec"):
+        if os.path.isdir(links) and links not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = links + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def extension():
     debug = _flag("DEBUG")
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: no debug info in release builds (Python's CFLAGS add -g; it made the largest
+    # translation unit compile a third slower).
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     link = []
     if torch._C.has_openmp and sys.platform.startswith("linux"):
         # at::parallel_for is inlined from ATen's headers: without OpenMP here it would run
@@ -61,6 +76,7 @@ def extension():
     )
 
 
+use_ccache()
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

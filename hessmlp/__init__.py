@@ -1,5 +1,10 @@
 """hessmlp: exact closed-form input Hessians of fully-connected networks."""
-import torch  # noqa: F401  (loads libtorch before the extension)
+import warnings
+
+with warnings.catch_warnings():
+    # torch warns on import when NumPy is not installed; hessmlp does not use NumPy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401
 from . import _ops  # noqa: F401

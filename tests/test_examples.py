@@ -23,3 +23,12 @@ def test_pinn_poisson_quick(capsys):
     first_loss, last_loss = history[0][2], history[-1][2]
     assert last_loss < first_loss / 20, history
     assert history[-1][3] < history[0][3] / 5, history  # the error against the exact solution too
+
+
+def test_bench_prints_threads_spread_and_verdict(capsys):
+    from hessmlp import bench
+    assert bench.main(["--batch", "32", "--min-run-time", "0.01", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{torch.get_num_threads()} threads" in out
+    assert "spread over rounds" in out
+    assert out.strip().splitlines()[-1].startswith("verdict: all 6 rows agree with torch.func")
