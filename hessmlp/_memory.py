@@ -181,8 +181,9 @@ def backward_rows(B: int, d: int, widths: Sequence[int], mode: str, x: torch.Ten
         cols = 1 + d + _cost._pairs(mode, d)
         return 3 * rows * cols * max(widths) * itemsize
 
-    if torch.compiler.is_compiling() or B <= 1:
-        return max(B, 1)
+    if torch.compiler.is_compiling() or not isinstance(B, int) or \
+            isinstance(x, torch._subclasses.FakeTensor) or B <= 1:
+        return B  # (traced code: a compiled graph takes its batch whole)
     full = need(B)
     free = _cost.available_bytes(x.device) if full >= SMALL_CALL_BYTES else None
     limits = [v for v in (budget(), free) if v is not None]

@@ -374,16 +374,16 @@ class _FxChain:
         return _refuse(self._where(node), what, "graph networks are not supported yet; " +
                        _CHAIN_ADVICE)
 
-    def _no_chain(self, node: fx.Node, inp: fx.Node) -> UnsupportedModelError:
-        """Why a node that does not take the current end of the chain is refused."""
+    def _no_chain(self, node: fx.Node, inp: fx.Node, cur: fx.Node) -> UnsupportedModelError:
+        """Why a node that does not take the current end ``cur`` of the chain directly is
+        refused (``inp``: the input)."""
         used = [a for a in node.all_input_nodes if self._is_computed(a)]
         fn = node.target if node.op == "call_function" else getattr(torch, str(node.target), None)
         if fn in (torch.cat, torch.concat, torch.stack, torch.hstack):
             what = ("a concatenation of computed tensors (torch.cat: a skip-concat of the input, "
                     "Fourier features or a positional encoding)")
             advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
-        elif node.args and any(a is not None and a in used for a in node.all_input_nodes) and \
-                getattr(self, "_cur", None) in node.all_input_nodes:
+        elif cur in node.all_input_nodes and len(used) > 1:  # (cur inside a list or tuple)
             what = f"two branches merged ({getattr(fn, '__name__', node.target)})"
             advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
         elif not used and any(self._is_learnable_scalar(a) for a in node.all_input_nodes):
@@ -445,14 +445,13 @@ class _FxChain:
                 break
             args, kwargs = list(node.args), dict(node.kwargs)
             uses = [a for a in list(args) + list(kwargs.values()) if a is cur]
-            self._cur = cur
             if node.op == "call_method" and args and args[0] is not cur and cur in args[1:] \
                     and node.target in _ARITH_METHODS:
                 pass  # a constant's method with the chain as operand (buffer.mul(h)): _affine
             elif node.op == "call_method" and (not args or args[0] is not cur):
-                raise self._no_chain(node, inp)
+                raise self._no_chain(node, inp, cur)
             elif not uses:
-                raise self._no_chain(node, inp)
+                raise self._no_chain(node, inp, cur)
             steps += self._node_steps(node, cur, args, kwargs)
             cur = node
         return steps + self.consts
