@@ -99,12 +99,33 @@ def rows_per_call(B, d, widths, mode, method, x, save) -> int:
     return rows
 
 
+def _size(nbytes: float) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.2f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def _outputs_bytes(B, d, widths, mode, itemsize) -> int:
+    m = widths[-1]
+    return B * m * (1 + d + {"full": d * d, "diag": d, "trace": 1}.get(mode, 0)) * itemsize
+
+
+def call_bytes(B, rows, d, widths, mode, method, x, save) -> int:
+    """Peak memory of a call in chunks of ``rows``: one chunk's working memory, and the whole
+    batch's results twice (the chunks' results and their concatenation)."""
+    itemsize = x.element_size()
+    need = _cost.working_bytes(min(rows, B), d, widths, mode, method, itemsize, save)
+    if rows < B:
+        need += 2 * _outputs_bytes(B, d, widths, mode, itemsize)
+    return need
+
+
 def _feasible(B, d, widths, mode, method, x, save) -> bool:
     rows = rows_per_call(B, d, widths, mode, method, x, save)
     if rows == 0:
         return False
-    need = _cost.working_bytes(min(rows, B), d, widths, mode, method, x.element_size(), save)
-    return fits(need, x.device)
+    return fits(call_bytes(B, rows, d, widths, mode, method, x, save), x.device)
 
 
 def choose_method(B, d, widths, mode, x, save) -> str:
@@ -122,9 +143,11 @@ def choose_method(B, d, widths, mode, x, save) -> str:
     return first
 
 
-def _ways_out(B, d, widths, mode, method, x, output, save, backward=False) -> str:
+def _ways_out(B, d, widths, mode, method, x, output, save, backward=False,
+              one_over_budget=False) -> str:
     """What the user can do, each way checked to help: another method, output=k, a cheaper
-    mode, torch.no_grad(), a smaller batch or a memory budget."""
+    mode, torch.no_grad(), a smaller batch or a memory budget (not when one sample is over
+    the budget already)."""
     m = widths[-1]
     ways: List[str] = []
     other = "reverse" if method == "forward" else "forward"
@@ -139,10 +162,14 @@ def _ways_out(B, d, widths, mode, method, x, output, save, backward=False) -> st
                     "(then nothing is kept for a backward)")
     one_fits = fits(_cost.working_bytes(1, d, widths, mode, "forward" if backward else method,
                                         x.element_size(), save or backward), x.device)
-    if one_fits and B > 1:
+    results = 2 * _outputs_bytes(B, d, widths, mode, x.element_size())
+    if one_fits and B > 1 and not one_over_budget and (backward or fits(results, x.device)):
         ways.append("pass a smaller batch, or set hessmlp.set_memory_budget(nbytes) (or "
                     "`with hessmlp.memory_budget(nbytes):`) to have hessmlp compute it in chunks "
                     "of samples")
+    elif one_fits and B > 1 and not one_over_budget:
+        ways.append(f"pass a smaller batch (the results of this one alone need "
+                    f"{_size(results // 2)})")
     return "; ".join(ways) if ways else "use a smaller model or a machine with more memory"
 
 
@@ -154,18 +181,18 @@ def check_call(B, rows, d, widths, mode, method, x, output, save) -> None:
     if rows == 0:
         one = _cost.working_bytes(1, d, widths, mode, method, itemsize, save)
         raise MemoryError(
-            f"hessmlp: one sample needs about {one / 2**20:.1f} MiB (d={d}, mode '{mode}', method "
-            f"'{method}') but the memory budget is {cap / 2**20:.1f} MiB; raise the budget, or "
-            + _ways_out(B, d, widths, mode, method, x, output, save))
-    need = _cost.working_bytes(min(rows, B), d, widths, mode, method, itemsize, save)
+            f"hessmlp: one sample needs about {_size(one)} (d={d}, mode '{mode}', method "
+            f"'{method}') but the memory budget is {_size(cap)}; raise the budget, or "
+            + _ways_out(B, d, widths, mode, method, x, output, save, one_over_budget=True))
+    need = call_bytes(B, rows, d, widths, mode, method, x, save)
     if fits(need, x.device):
         return
     free = _cost.available_bytes(x.device)
+    chunks = f" in chunks of {rows}, the results of all {B} included" if rows < B else ""
     raise MemoryError(
-        f"hessmlp: this call needs about {need / 2**30:.2f} GiB on {x.device} (batch "
-        f"{min(rows, B)}, d={d}, {widths[-1]} outputs, mode '{mode}', method '{method}') but only "
-        f"{free / 2**30:.2f} GiB is free. Ways out: "
-        + _ways_out(B, d, widths, mode, method, x, output, save))
+        f"hessmlp: this call needs about {_size(need)} on {x.device} (batch {B}{chunks}, d={d}, "
+        f"{widths[-1]} outputs, mode '{mode}', method '{method}') but only {_size(free)} is free. "
+        "Ways out: " + _ways_out(B, d, widths, mode, method, x, output, save))
 
 
 def backward_rows(B: int, d: int, widths: Sequence[int], mode: str, x: torch.Tensor,
@@ -192,8 +219,10 @@ def backward_rows(B: int, d: int, widths: Sequence[int], mode: str, x: torch.Ten
     limit, one = min(limits), need(1)
     if one > limit:
         raise MemoryError(
-            f"hessmlp: the backward of this call needs about {one / 2**30:.2f} GiB per sample "
-            f"(the forward jets' state of mode '{mode}' at d={d}, recomputed for the gradients) but "
-            f"{limit / 2**30:.2f} GiB is what it may use. Ways out: "
-            + _ways_out(B, d, widths, mode, "forward", x, None, True, backward=True))
+            f"hessmlp: the backward of this call needs about {_size(one)} per sample (the "
+            f"forward jets' state of mode '{mode}' at d={d}, recomputed for the gradients) but "
+            f"{_size(limit)} is what it may use (the memory budget or the free memory). Ways "
+            "out: raise the budget, or "
+            + _ways_out(B, d, widths, mode, "forward", x, None, True, backward=True,
+                        one_over_budget=True))
     return max(1, min(B, int(limit // one)))

@@ -11,10 +11,13 @@ torch.fx and must be a straight chain of supported calls.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import os
 import re
+import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -105,7 +108,8 @@ _CHAIN_ADVICE = ("hessmlp computes exact Hessians of chains Linear -> elementwis
 
 
 def _refuse(where: str, what: str, advice: str = _CHAIN_ADVICE) -> UnsupportedModelError:
-    return UnsupportedModelError(f"hessmlp: {what} at {where} is not supported. {advice}. {_SEE}")
+    return UnsupportedModelError(
+        f"hessmlp: {what} at {where} is not supported. {advice[:1].upper()}{advice[1:]}. {_SEE}")
 
 
 # ---------------------------------------------------------------- modules
@@ -124,17 +128,28 @@ def _legacy_weight_norm(m: nn.Module):
 
 
 def _check_hooks(m: nn.Module, where: str) -> None:
-    """hessmlp reads a module's weights and never calls it: a hook would be skipped."""
+    """hessmlp reads a module's weights and never calls it: a hook would be skipped, and an
+    instance-level forward would not be read."""
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        raise _refuse(where, f"an uninitialised {type(m).__name__}",
+                      "run one forward of the model first, so that its shapes are known")
+    if "forward" in m.__dict__:
+        raise _refuse(where, "a forward set on the instance (module.forward = ...)",
+                      "hessmlp reads the forward of the module's class; define the forward in a "
+                      "class (a subclass of nn.Module)")
     wn = _legacy_weight_norm(m)
-    hooks = [h for h in m._forward_pre_hooks.values() if h is not wn]
-    hooks += list(m._forward_hooks.values())
-    if hooks:
+    pre = [h for h in m._forward_pre_hooks.values() if h is not wn]
+    for kind, hooks, register in (("forward pre-hook", pre, "register_forward_pre_hook"),
+                                  ("forward hook", list(m._forward_hooks.values()),
+                                   "register_forward_hook")):
+        if not hooks:
+            continue
         name = getattr(hooks[0], "__qualname__", type(hooks[0]).__name__)
-        advice = "remove the hook (the handle register_forward_hook returned: handle.remove())"
+        advice = f"remove the hook (call .remove() on the handle {register} returned)"
         if "SpectralNorm" in name:
             advice = ("use torch.nn.utils.parametrizations.spectral_norm instead of the hook-based "
                       "torch.nn.utils.spectral_norm")
-        raise _refuse(where, f"a forward hook ({name}), which hessmlp would not run,", advice)
+        raise _refuse(where, f"a {kind} ({name}), which hessmlp would not run,", advice)
     if wn is not None and not _is(m, nn.Linear):
         raise _refuse(where, f"torch.nn.utils.weight_norm on a {type(m).__name__}",
                       "hessmlp reads it on nn.Linear; use torch.nn.utils.parametrizations.weight_norm")
@@ -181,15 +196,19 @@ def _module_steps(m: nn.Module, where: str, path: str) -> List[Step]:
         return [("act", where, Act("sin", float(m.w0)))]
     if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
         steps = []
-        for name, child in m.named_children():
+        # Every entry, a module used twice included (named_children() lists it once).
+        for name, child in m._modules.items():
             steps += _module_steps(child, f"{where}[{name}]", _join(path, name))
         return steps
     if not type(m).__module__.startswith("torch."):
         # A user's own module inside a Sequential: its forward must be a chain too.
         return _FxChain(m, where, path).steps()
+    if type(m).__module__ == "torch.nn.modules.activation":
+        raise _refuse(where, f"the activation {type(m).__name__}",
+                      "it is not one of the elementwise functions hessmlp reads")
     raise _refuse(where, f"{type(m).__name__}",
-                  f"hessmlp reads nn.Linear layers and elementwise functions, and {type(m).__name__} "
-                  "is neither (normalisation layers, convolutions and attention are not supported)")
+                  "hessmlp reads nn.Linear layers and elementwise functions (normalisation layers, "
+                  "convolutions and attention are not supported)")
 
 
 def _gelu(approximate: str, where: str) -> Act:
@@ -203,10 +222,27 @@ def _gelu(approximate: str, where: str) -> Act:
 
 # ---------------------------------------------------------------- torch.fx
 
+# torch.fx patches nn.Module.__call__ and __getattr__ for the whole process while it traces:
+# hessmlp traces one model at a time, and calls from other threads during a trace pass
+# through the patch to PyTorch's own (see _Tracer).
+_TRACE_LOCK = threading.Lock()
+
+
 class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True  # refusals name the user's source line
+        self._owner = threading.get_ident()
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._owner:  # another thread's module call
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._owner:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, Sine):
@@ -301,16 +337,39 @@ class _FxChain:
         self.model = model
         self.name = name
         self.path = path  # of model within the model hessmlp was given
+        if type(model).forward is nn.Module.forward:
+            what = name if name == type(model).__name__ else f"{name} ({type(model).__name__})"
+            raise UnsupportedModelError(f"hessmlp: {what} has no forward method. {_SEE}")
+        # Arguments after x that have defaults (mods=None, scale=2.0) are traced at their default.
         try:
-            self.graph = _Tracer().trace(model)
+            params = list(inspect.signature(type(model).forward).parameters.values())[2:]
+        except (TypeError, ValueError):
+            params = []
+        concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        before = set(model.__dict__)
+        try:
+            with _TRACE_LOCK:
+                self.graph = _Tracer().trace(model, concrete_args=concrete or None)
         except Exception as e:  # fx raises many types for data-dependent control flow
+            line = _user_line("".join(traceback.format_tb(e.__traceback__)))
+            at = f" at {line}" if line else ""
+            if isinstance(e, fx.proxy.TraceError) or "symbolically traced" in str(e):
+                why = ("a forward that branches on the values of its input (if x.sum() > 0, loops "
+                       "over x's entries) has no single graph")
+            else:
+                why = "reading it as a graph failed there"
             raise UnsupportedModelError(
-                f"hessmlp: could not trace {name}.forward with torch.fx ({type(e).__name__}: {e}). "
-                "A forward that branches on the values of its input (if x.sum() > 0, loops over "
-                "x's entries) has no single graph. Write the model as an nn.Sequential or a "
-                f"straight chain of calls (see hessmlp.MLP). {_SEE}") from e
+                f"hessmlp: could not trace {name}.forward with torch.fx{at} ({type(e).__name__}: "
+                f"{e}): {why}. Write the model as an nn.Sequential or a straight chain of calls "
+                f"(see hessmlp.MLP). {_SEE}") from e
+        finally:
+            # Tensor literals of the forward (torch.tensor(2.0)) become attributes of the model
+            # while fx traces: keep them here, not on the user's model.
+            self.literals = {k: model.__dict__.pop(k) for k in set(model.__dict__) - before}
         self.meta: set = set()  # nodes that only read metadata of a tensor (x.shape, x.dtype)
         self.consts: List[Step] = []  # tensors read as constants: ("const", where, (path, value))
+        self.values: dict = {}  # constant nodes (torch.tensor(2.0, dtype=x.dtype)) -> their value
 
     def _where(self, node: fx.Node) -> str:
         """The innermost user module holding node, and the user's source line."""
@@ -330,6 +389,8 @@ class _FxChain:
         return f"{where}, {line}" if line else where
 
     def _attr(self, node: fx.Node):
+        if node.target in self.literals:
+            return self.literals[node.target]
         obj = self.model
         for part in node.target.split("."):
             obj = getattr(obj, part)
@@ -339,6 +400,12 @@ class _FxChain:
         return isinstance(v, fx.Node) and v.op not in ("get_attr",) and v not in self.meta
 
     def _scalar(self, v, node: fx.Node, op: str = "") -> float:
+        if isinstance(v, fx.Node) and v in self.values:
+            return self.values[v]
+        if isinstance(v, fx.Node) and v.op == "get_attr" and v.target in self.literals:
+            t = self.literals[v.target]
+            if t.numel() == 1 and t.is_floating_point() or t.dtype in (torch.int64, torch.int32):
+                return float(t.item())
         if isinstance(v, fx.Node):
             if v.op != "get_attr":
                 raise self._two_tensors(node, op)
@@ -404,6 +471,19 @@ class _FxChain:
             advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
         return _refuse(self._where(node), what, advice)
 
+    def _constant_value(self, node: fx.Node) -> Optional[float]:
+        """torch.tensor(2.0) / torch.as_tensor(2.0), with any dtype or device (x.dtype): a
+        scalar constant."""
+        if node.op != "call_function" or node.target not in (torch.tensor, torch.as_tensor):
+            return None
+        if len(node.args) != 1 or isinstance(node.args[0], bool) or \
+                not isinstance(node.args[0], (int, float)):
+            return None
+        if set(node.kwargs) - {"dtype", "device"} or any(
+                isinstance(v, fx.Node) and v not in self.meta for v in node.kwargs.values()):
+            return None
+        return float(node.args[0])
+
     def _is_learnable_scalar(self, v: fx.Node) -> bool:
         if v.op != "get_attr":
             return False
@@ -422,6 +502,14 @@ class _FxChain:
 
     def steps(self) -> List[Step]:
         nodes = list(self.graph.nodes)
+        # Placeholders of arguments traced at their defaults (they carry that default), and
+        # the checks fx adds for them.
+        fixed = {n for n in nodes if n.op == "placeholder" and n.args}
+        for n in nodes:
+            if n.op == "call_function" and n.all_input_nodes and \
+                    all(a in fixed for a in n.all_input_nodes):
+                fixed.add(n)
+        nodes = [n for n in nodes if n not in fixed]
         inputs = [n for n in nodes if n.op == "placeholder"]
         if len(inputs) != 1:
             names = ", ".join(n.target for n in inputs)
@@ -436,6 +524,10 @@ class _FxChain:
                 continue
             if self._is_meta(node):
                 self.meta.add(node)
+                continue
+            value = self._constant_value(node)
+            if value is not None:
+                self.values[node] = value
                 continue
             if node.op == "output":
                 if node.args[0] is not cur:
@@ -624,15 +716,36 @@ _PLAIN = (bool, int, float, str, complex, type(None), torch.dtype, torch.device)
 
 
 def _frozen(v, depth: int = 0):
-    """A comparable stand-in for an attribute's value: plain values themselves, tensors by
-    identity and version (a forward may use them as constants), other objects by identity."""
+    """A comparable stand-in for an attribute's value: plain values themselves (NaN as a
+    string, so that it equals itself), tensors by identity and version (a forward may use them
+    as constants), a plain object (a config) by its plain attributes, others by identity."""
+    if isinstance(v, float) and v != v:
+        return "nan"
     if isinstance(v, _PLAIN):
         return v
     if isinstance(v, (tuple, list)) and depth < 2 and len(v) <= 64:
         return (type(v), tuple(_frozen(e, depth + 1) for e in v))
     if isinstance(v, torch.Tensor):
         return (torch.Tensor, id(v), v._version, v.requires_grad)
+    if depth < 2 and not isinstance(v, (nn.Module, type)) and not callable(v) and \
+            isinstance(getattr(v, "__dict__", None), dict) and len(v.__dict__) <= 64:
+        return (type(v), id(v), tuple((k, _frozen(e, depth + 1)) for k, e in v.__dict__.items()))
     return (type(v), id(v))
+
+
+# Plain attributes of a user's module class (Siren.w0 = 30.0) that a forward may read, per class.
+def _class_attrs(cls: type) -> tuple:
+    if cls.__module__.startswith("torch."):
+        return ()
+    attrs = tuple((k, _frozen(v)) for c in cls.__mro__ if not c.__module__.startswith("torch.")
+                 and c is not object for k, v in vars(c).items()
+                 if not k.startswith("__") and isinstance(v, _PLAIN))
+    _CLASS_ATTR_NAMES[cls] = tuple(k for k, _ in attrs)
+    return attrs
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -653,9 +766,23 @@ def _fingerprint(model: nn.Module) -> tuple:
         hooks = (tuple(map(id, d["_forward_pre_hooks"].values())),
                  tuple(map(id, d["_forward_hooks"].values())))
         children = d["_modules"]
-        out.append((id(m), type(m), m.training, attrs, params, buffers, hooks, tuple(children)))
+        out.append((id(m), type(m), _class_attrs(type(m)), m.training, attrs, params, buffers,
+                    hooks, tuple(children)))
         todo.extend(c for c in children.values() if c is not None)
     return tuple(out)
+
+
+def _check_global_hooks() -> None:
+    from torch.nn.modules import module as _module
+    hooks = [h for d in (_module._global_forward_hooks, _module._global_forward_pre_hooks)
+             for h in d.values()]
+    if hooks:
+        name = getattr(hooks[0], "__qualname__", type(hooks[0]).__name__)
+        raise UnsupportedModelError(
+            f"hessmlp: a global module forward hook ({name}, from "
+            "torch.nn.modules.module.register_module_forward_hook or its pre-hook variant) is "
+            "set: it may change every module's output, and hessmlp would not run it. Remove it "
+            f"(.remove() on its handle) around hessmlp's calls. {_SEE}")
 
 
 def _compute_steps(model: nn.Module) -> Tuple[Step, ...]:
@@ -671,7 +798,7 @@ def _cached_steps(model: nn.Module) -> Tuple[Step, ...]:
     fp = _fingerprint(model)
     cache = model.__dict__.get(_CACHE_ATTR)
     if cache is not None and cache[0] == fp and all(
-            float(_get(model, path).item()) == value
+            _same(float(_get(model, path).item()), value)
             for kind, _, (path, value) in (st for st in cache[1] if st[0] == "const")):
         return cache[1]  # (constants compared by value: writes through .data keep the version)
     steps = _compute_steps(model)
@@ -688,13 +815,20 @@ def _compiled_key(model: nn.Module) -> tuple:
     flag changes, or a hook comes or goes. (Buffers changed in place are not seen there.)"""
     return tuple((type(m), m.training, len(m._forward_pre_hooks), len(m._forward_hooks),
                   tuple((k, v) for k, v in m.__dict__.items()
-                        if k not in _MODULE_ATTRS and isinstance(v, _PLAIN)))
+                        if k not in _MODULE_ATTRS and isinstance(v, _PLAIN)),
+                  tuple((k, getattr(type(m), k)) for k in _CLASS_ATTR_NAMES.get(type(m), ())))
                  for m in model.modules())
+
+
+# The names of the plain class attributes of each user class seen eagerly (_class_attrs), for
+# _compiled_key to read (and dynamo to guard on).
+_CLASS_ATTR_NAMES: dict = {}
 
 
 def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
     """The structure of ``model``: plain data, read again only when its fingerprint changed."""
     if not torch.compiler.is_compiling():
+        _check_global_hooks()
         return _cached_steps(model)
     _compiled_key(model)  # (for its guards only)
     if _CONSTANT_OF_MODULE:
@@ -748,7 +882,8 @@ def network_of(model: nn.Module) -> Network:
         elif kind == "const":
             if torch.compiler.is_compiling():
                 # Compiled code took the value as a constant: stop rather than use an old one.
-                torch._assert_async(_get(model, item[0]) == item[1],
+                t = _get(model, item[0])
+                torch._assert_async(t.isnan() if item[1] != item[1] else t == item[1],
                                     f"hessmlp: the tensor '{item[0]}' read as a constant at {w} "
                                     "changed since this code was compiled; call "
                                     "torch.compiler.reset()")
@@ -759,7 +894,8 @@ def network_of(model: nn.Module) -> Network:
             stages.append([])
             where.append(w)
         elif not weights:
-            pre.append((w, item))
+            if item.name != "identity":  # (x ** 1)
+                pre.append((w, item))
         elif item.name != "identity":
             stages[-1].append(item)
     if not weights:

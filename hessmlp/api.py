@@ -48,6 +48,9 @@ def _check_network(net: Network, x: torch.Tensor) -> None:
         raise ValueError(f"hessmlp: x has {d} features but {net.where[0]} (the first Linear) "
                          f"expects in_features={expected}")
     for l, (W, b, where) in enumerate(zip(net.weights, net.biases, net.where)):
+        if W.shape[0] == 0:
+            raise ValueError(f"hessmlp: {where} has out_features=0; every Linear layer needs at "
+                             "least one output feature")
         for name, t in (("weight", W), ("bias", b)):
             if t is None:
                 continue
@@ -129,7 +132,7 @@ def _check_context() -> None:
 def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Jet:
     _check_context()
     x = _check_x(x)
-    if hessian not in _MODES:
+    if not (hessian is None or isinstance(hessian, str)) or hessian not in _MODES:
         raise ValueError(f"hessmlp: hessian must be 'full', 'diag', 'trace' or None, got {hessian!r}")
     mode = _MODES[hessian]
     net = network_of(model)
@@ -142,7 +145,7 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     B, d = xb.shape
     widths = [W.shape[0] for W in net.weights]
 
-    if method not in ("auto", "forward", "reverse"):
+    if not isinstance(method, str) or method not in ("auto", "forward", "reverse"):
         raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
     # Training through the result: the backward is the adjoint of the forward jets, which
     # saves each layer's state; after reverse-Gram the backward recomputes it.

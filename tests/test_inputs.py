@@ -130,7 +130,7 @@ def test_non_contiguous_weights():
 def test_huge_request_is_refused_before_allocating(monkeypatch, model):
     monkeypatch.setattr(_cost, "available_bytes", lambda device: 10_000)
     monkeypatch.setattr(_memory, "SMALL_CALL_BYTES", 0)  # every call asks (see the next test)
-    with pytest.raises(MemoryError, match=r"needs about .* GiB .* output=k .* smaller batch"):
+    with pytest.raises(MemoryError, match=r"needs about .* MiB .* output=k .* smaller batch"):
         hessmlp.hessian(model, torch.zeros(1000, 3, dtype=f64))
     with pytest.raises(MemoryError, match="smaller batch"):
         hessmlp.hessian(model, torch.zeros(1000, 3, dtype=f64), output=0)
