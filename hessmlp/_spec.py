@@ -225,7 +225,7 @@ def _gelu(approximate: str, where: str) -> Act:
 # torch.fx patches nn.Module.__call__ and __getattr__ for the whole process while it traces:
 # hessmlp traces one model at a time, and calls from other threads during a trace pass
 # through the patch to PyTorch's own (see _Tracer).
-_TRACE_LOCK = threading.Lock()
+_TRACE_LOCK = threading.RLock()  # (re-entrant: a forward may call hessmlp itself)
 
 
 class _Tracer(fx.Tracer):
