@@ -64,6 +64,11 @@ def reverse_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
     return REVERSE_OVERHEAD * (gemm + ELEMENTWISE_WEIGHT * elementwise + gram)
 
 
+def outputs_elements(B: int, d: int, m: int, mode: str) -> int:
+    """Entries of a call's results: value, Jacobian and the mode's second-order part."""
+    return B * m * (1 + d + {"full": d * d, "diag": d, "trace": 1}.get(mode, 0))
+
+
 def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str, itemsize: int,
                   save: bool = False) -> int:
     """Peak memory of one call, outputs included (an estimate from above).
@@ -72,7 +77,7 @@ def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str,
     needs about as much again for its own sweep.
     """
     m = widths[-1]
-    out = B * m * (1 + d + {"full": d * d, "diag": d, "trace": 1}.get(mode, 0))
+    out = outputs_elements(B, d, m, mode)
     n_max = max(widths)
     if method == "forward":
         cols = 1 + d + _pairs(mode, d)

@@ -107,8 +107,7 @@ def _size(nbytes: float) -> str:
 
 
 def _outputs_bytes(B, d, widths, mode, itemsize) -> int:
-    m = widths[-1]
-    return B * m * (1 + d + {"full": d * d, "diag": d, "trace": 1}.get(mode, 0)) * itemsize
+    return _cost.outputs_elements(B, d, widths[-1], mode) * itemsize
 
 
 def call_bytes(B, rows, d, widths, mode, method, x, save) -> int:
