@@ -78,7 +78,9 @@ NetSpec check_inputs(const at::Tensor& x,
     in = w.size(0);
   }
   // Autograd sees a list that mixes None and tensors as one opaque value: it would not see
-  // that such a bias requires grad, and its gradient would be dropped without a word.
+  // that such a bias requires grad, and its gradient would be dropped without a word. (When
+  // another input requires grad, autograd runs this kernel with grad mode off and
+  // hessmlp/_ops.py's setup_context refuses the list instead.)
   bool some_none = false, bias_grad = false;
   for (int64_t l = 0; l < L; ++l) {
     const std::optional<at::Tensor> b = biases.get(l);

@@ -30,13 +30,30 @@ GRAM_LOOP_MAX_D = 16  # csrc/jet_driver.cpp, kGramKernelMaxD
 REVERSE_OVERHEAD = 0.95
 
 
-def _pairs(mode: str, d: int) -> int:
+MODES = ("full", "diag", "trace", "none")
+
+
+def pairs(mode: str, d) -> int:
+    """Second-order entries per neuron (csrc/jet_math.h, n_pairs): d(d+1)/2, d, 1, 0."""
     return {"full": d * (d + 1) // 2, "diag": d, "trace": 1}.get(mode, 0)
+
+
+def hessian_shape(mode: str, B, m, d) -> tuple:
+    """The shape of mlp_jet's hessian output (csrc/jet_common.cpp, hessian_shape)."""
+    return {"full": (B, m, d, d), "diag": (B, m, d), "trace": (B, m), "none": (B, m, 0)}[mode]
+
+
+def outputs_elements(B: int, d: int, m: int, mode: str) -> int:
+    """Entries of a call's results: value, Jacobian and the mode's second-order part."""
+    n = 1
+    for s in hessian_shape(mode, B, m, d):
+        n *= s
+    return B * m * (1 + d) + n
 
 
 def forward_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
     """Work per sample of forward jets."""
-    P = _pairs(mode, d)
+    P = pairs(mode, d)
     cols = 1 + d + P
     gemm = d * widths[0] + sum(widths[l] * widths[l - 1] * cols for l in range(1, len(widths)))
     elementwise = sum(n * (1 + d + 2 * P) for n in widths)
@@ -64,11 +81,6 @@ def reverse_cost(d: int, widths: Sequence[int], mode: str = "full") -> float:
     return REVERSE_OVERHEAD * (gemm + ELEMENTWISE_WEIGHT * elementwise + gram)
 
 
-def outputs_elements(B: int, d: int, m: int, mode: str) -> int:
-    """Entries of a call's results: value, Jacobian and the mode's second-order part."""
-    return B * m * (1 + d + {"full": d * d, "diag": d, "trace": 1}.get(mode, 0))
-
-
 def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str, itemsize: int,
                   save: bool = False) -> int:
     """Peak memory of one call, outputs included (an estimate from above).
@@ -80,7 +92,7 @@ def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str,
     out = outputs_elements(B, d, m, mode)
     n_max = max(widths)
     if method == "forward":
-        cols = 1 + d + _pairs(mode, d)
+        cols = 1 + d + pairs(mode, d)
         work = 4 * B * cols * n_max
         if save:
             work += B * widths[0] + sum(B * cols * n for n in widths[1:]) + 2 * B * cols * n_max
@@ -104,7 +116,7 @@ def cpu_block_rows(d: int, widths: Sequence[int], mode: str, itemsize: int,
             return None
         cols = 1 + d  # reverse-Gram's blocks: sized by the columns z and T
     else:
-        cols = 1 + d + _pairs(mode, d)
+        cols = 1 + d + pairs(mode, d)
     return max(8, CPU_BLOCK_BYTES // (cols * max(widths) * itemsize))
 
 

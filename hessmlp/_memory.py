@@ -74,7 +74,7 @@ def memory_budget(nbytes: Optional[int]):
 def fits(need: int, device: torch.device) -> bool:
     """Whether ``need`` bytes fit in the free memory of ``device`` (True when it cannot be
     told: inside compiled code, where free memory is a run-time fact)."""
-    if need < SMALL_CALL_BYTES or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or need < SMALL_CALL_BYTES:  # (no guard on a symbolic B)
         return True
     free = _cost.available_bytes(device)
     return free is None or need <= free
@@ -84,11 +84,11 @@ def rows_per_call(B, d, widths, mode, method, x, save) -> int:
     """Samples per op call under the budget (B when it fits or none is set); 0 when not even
     one sample fits in it."""
     cap = budget()
-    if cap is None or B <= 1:
+    if cap is None:
         return max(B, 1)
     itemsize = x.element_size()
     if _cost.working_bytes(B, d, widths, mode, method, itemsize, save) <= cap:
-        return B
+        return max(B, 1)
     one = _cost.working_bytes(1, d, widths, mode, method, itemsize, save)
     if one > cap:
         return 0
@@ -204,11 +204,11 @@ def backward_rows(B: int, d: int, widths: Sequence[int], mode: str, x: torch.Ten
     def need(rows):
         if recompute:
             return _cost.working_bytes(rows, d, widths, mode, "forward", itemsize, True)
-        cols = 1 + d + _cost._pairs(mode, d)
+        cols = 1 + d + _cost.pairs(mode, d)
         return 3 * rows * cols * max(widths) * itemsize
 
     if torch.compiler.is_compiling() or not isinstance(B, int) or \
-            isinstance(x, torch._subclasses.FakeTensor) or B <= 1:
+            isinstance(x, torch._subclasses.FakeTensor) or B < 1:
         return B  # (traced code: a compiled graph takes its batch whole)
     full = need(B)
     free = _cost.available_bytes(x.device) if full >= SMALL_CALL_BYTES else None

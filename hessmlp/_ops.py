@@ -9,20 +9,12 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels)
-from . import _memory
-
-_PAIRS = {"full": lambda d: d * (d + 1) // 2, "diag": lambda d: d, "trace": lambda d: 1,
-          "none": lambda d: 0}
-
+from . import _cost, _memory
 
 def _pairs(mode: str, d):
-    if mode not in _PAIRS:
+    if mode not in _cost.MODES:
         raise ValueError(f"hessmlp: mode must be one of 'full', 'diag', 'trace', 'none', got {mode!r}")
-    return _PAIRS[mode](d)
-
-
-def _hessian_shape(mode: str, B, m, d):
-    return {"full": (B, m, d, d), "diag": (B, m, d), "trace": (B, m), "none": (B, m, 0)}[mode]
+    return _cost.pairs(mode, d)
 
 
 def _check_devices(x, named):
@@ -46,11 +38,11 @@ def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, 
     m = weights[-1].shape[0]
     C = 1 + d + _pairs(mode, d)
     state = []
-    if save_state and method == "forward":
+    if save_state and (method == "forward" or d == 0):  # (d = 0 takes forward jets)
         state = [x.new_empty((B, weights[0].shape[0]))]
         state += [x.new_empty((B, C, w.shape[0])) for w in weights[1:]]
     return (x.new_empty((B, m)), x.new_empty((B, m, d)),
-            x.new_empty(_hessian_shape(mode, B, m, d)), state)
+            x.new_empty(_cost.hessian_shape(mode, B, m, d)), state)
 
 
 @torch.library.register_fake("hessmlp::mlp_jet_backward")

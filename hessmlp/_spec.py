@@ -12,14 +12,13 @@ torch.fx and must be a straight chain of supported calls.
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 import os
 import re
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -403,9 +402,11 @@ class _FxChain:
         if isinstance(v, fx.Node) and v in self.values:
             return self.values[v]
         if isinstance(v, fx.Node) and v.op == "get_attr" and v.target in self.literals:
-            t = self.literals[v.target]
-            if t.numel() == 1 and t.is_floating_point() or t.dtype in (torch.int64, torch.int32):
+            t = self.literals[v.target]  # a tensor literal of the forward (torch.tensor(2.0))
+            if t.numel() == 1 and t.dtype != torch.bool and not t.is_complex():
                 return float(t.item())
+            raise _refuse(self._where(node), f"a tensor literal of shape {tuple(t.shape)} and "
+                          f"dtype {t.dtype}", "hessmlp reads real scalar constants there")
         if isinstance(v, fx.Node):
             if v.op != "get_attr":
                 raise self._two_tensors(node, op)
@@ -707,8 +708,8 @@ class _FxChain:
 # attribute; dynamo guards on what the fingerprint reads.
 _CACHE_ATTR = "_hessmlp_structure"
 
-# torch.compiler.assume_constant_result takes a module argument from torch 2.13 on.
-_CONSTANT_OF_MODULE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+# (torch.compiler.assume_constant_result takes a module argument from torch 2.13 on, the
+# oldest torch hessmlp supports.)
 
 # nn.Module's own bookkeeping (parameters, buffers, children and hooks are fingerprinted apart).
 _MODULE_ATTRS = frozenset(nn.Module().__dict__) | {_CACHE_ATTR}
@@ -740,7 +741,6 @@ def _class_attrs(cls: type) -> tuple:
     attrs = tuple((k, _frozen(v)) for c in cls.__mro__ if not c.__module__.startswith("torch.")
                  and c is not object for k, v in vars(c).items()
                  if not k.startswith("__") and isinstance(v, _PLAIN))
-    _CLASS_ATTR_NAMES[cls] = tuple(k for k, _ in attrs)
     return attrs
 
 
@@ -809,20 +809,44 @@ def _cached_steps(model: nn.Module) -> Tuple[Step, ...]:
 _constant_steps = torch.compiler.assume_constant_result(_cached_steps)
 
 
+@torch.compiler.assume_constant_result
+def _class_attr_names(cls: type) -> tuple:
+    """The names of the plain attributes of a user's module class (a constant for dynamo)."""
+    return tuple(k for k, _ in _class_attrs(cls))
+
+
+def _held_plain(v) -> tuple:
+    """The plain attributes of an object a module holds (a config), for _compiled_key."""
+    if isinstance(v, _PLAIN + (torch.Tensor, nn.Module, type, tuple, list, dict)) or callable(v) \
+            or not isinstance(getattr(v, "__dict__", None), dict):
+        return ()
+    return tuple((k, e) for k, e in v.__dict__.items() if isinstance(e, _PLAIN))
+
+
 def _compiled_key(model: nn.Module) -> tuple:
-    """The part of the fingerprint that dynamo traces, so that it guards on it: a compiled
-    function is compiled again when a submodule is replaced, a hyperparameter or the training
-    flag changes, or a hook comes or goes. (Buffers changed in place are not seen there.)"""
-    return tuple((type(m), m.training, len(m._forward_pre_hooks), len(m._forward_hooks),
-                  tuple((k, v) for k, v in m.__dict__.items()
-                        if k not in _MODULE_ATTRS and isinstance(v, _PLAIN)),
-                  tuple((k, getattr(type(m), k)) for k in _CLASS_ATTR_NAMES.get(type(m), ())))
-                 for m in model.modules())
+    """The part of the fingerprint that dynamo traces and guards on (_steps_of compares it with
+    its value at trace time, so that dynamo reads all of it): a compiled function is
+    compiled again when a submodule is replaced, a hyperparameter, a plain attribute of a
+    module, of its class or of a config it holds, or the training flag changes, or a hook comes
+    or goes. (Buffers read as constants are checked in the graph instead: network_of.)"""
+    out = []
+    for m in model.modules():
+        attrs, held = [], []
+        for k, v in m.__dict__.items():
+            if k in _MODULE_ATTRS:
+                continue
+            if isinstance(v, _PLAIN):
+                attrs.append((k, v))
+            else:
+                held.append((k, _held_plain(v)))
+        cls = type(m)
+        out.append((cls, m.training, len(m._forward_pre_hooks), len(m._forward_hooks),
+                    tuple(attrs), tuple(held),
+                    tuple((k, getattr(cls, k)) for k in _class_attr_names(cls))))
+    return tuple(out)
 
 
-# The names of the plain class attributes of each user class seen eagerly (_class_attrs), for
-# _compiled_key to read (and dynamo to guard on).
-_CLASS_ATTR_NAMES: dict = {}
+_constant_key = torch.compiler.assume_constant_result(lambda model: _compiled_key(model))
 
 
 def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
@@ -830,15 +854,11 @@ def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
     if not torch.compiler.is_compiling():
         _check_global_hooks()
         return _cached_steps(model)
-    _compiled_key(model)  # (for its guards only)
-    if _CONSTANT_OF_MODULE:
-        return _constant_steps(model)
-    # Older torch: Sequential models are traced through; a model that torch.fx must read
-    # needs one eager hessmlp call before compiling (see the README).
-    cache = getattr(model, _CACHE_ATTR, None)
-    if cache is not None:
-        return cache[1]
-    return _compute_steps(model)
+    # Comparing the traced key with its value at trace time makes dynamo read (and guard on)
+    # every entry; they are equal when traced.
+    if _compiled_key(model) != _constant_key(model):
+        raise RuntimeError("hessmlp: the model changed while it was being compiled")
+    return _constant_steps(model)
 
 
 # Single modules that are read directly rather than traced.

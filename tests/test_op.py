@@ -205,8 +205,6 @@ def test_compile_refuses_unsupported_models_by_name():
         torch.compile(lambda x: hessmlp.laplacian(model, x), fullgraph=True)(torch.randn(3, 2))
 
 
-@pytest.mark.skipif(not hessmlp._spec._CONSTANT_OF_MODULE,
-                    reason="torch < 2.13 needs one eager call on a torch.fx-read model first")
 def test_compile_user_class_without_eager_warmup():
     torch._dynamo.reset()
     model, x, f = _pinn_problem(make=PinnNet)

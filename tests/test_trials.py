@@ -303,3 +303,77 @@ def test_messages_name_the_argument_and_the_cause():
     with pytest.raises(UnsupportedModelError, match=r"test_trials.py:\d+: if h.sum\(\) > 0: .* "
                                                     r"branches on the values"):
         hessmlp.hessian(DataDep(), x)
+
+
+# ---------------------------------------------------------------- found in review
+
+def test_compiled_functions_follow_class_and_config_attributes():
+    x = torch.randn(4, 2, dtype=f64)
+
+    def lap_ref(m):
+        return func_reference(m, x)[2].diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    for cfg in (None, _Config(2.0)):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = _Siren(cfg).double()
+        lap = torch.compile(lambda x: hessmlp.laplacian(model, x), fullgraph=True)
+        try:
+            assert_rel_close(lap(x), lap_ref(model), f64, "before")
+            if cfg is None:
+                _Siren.w0 = 5.0
+            else:
+                model.cfg.w0 = 5.0
+            assert_rel_close(lap(x), lap_ref(model), f64, "after the change, compiled")
+        finally:
+            _Siren.w0 = 30.0
+
+
+def test_compile_a_fresh_mlp_first():
+    # Compiled before any eager call on a user class (hessmlp.MLP is one): no dynamo error.
+    torch._dynamo.reset()
+    model = hessmlp.MLP(2, [8], 1).double()
+    x = torch.randn(3, 2, dtype=f64)
+    got = torch.compile(lambda x: hessmlp.laplacian(model, x), fullgraph=True)(x)
+    assert_rel_close(got, hessmlp.laplacian(model, x), f64)
+
+
+def test_fake_kernel_for_no_inputs_with_reverse_and_saved_state():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    w = [torch.randn(4, 0), torch.randn(1, 4)]
+    args = (torch.zeros(3, 0), w, [torch.randn(4), torch.randn(1)], [1, 0], [2], [0.0, 0.0],
+            "full", "reverse", True)
+    real = torch.ops.hessmlp.mlp_jet(*args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.hessmlp.mlp_jet(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else
+                                           [mode.from_tensor(t) for t in a] if isinstance(a, list)
+                                           and a and isinstance(a[0], torch.Tensor) else a
+                                           for a in args])
+    assert [tuple(s.shape) for s in real[3]] == [tuple(s.shape) for s in fake[3]] != []
+
+
+def test_budget_applies_to_a_single_sample():
+    model = hessmlp.MLP(3, [64, 64], 2)
+    one = _cost.working_bytes(1, 3, [64, 64, 2], "full", "forward", 4, False)
+    for x in (torch.randn(1, 3), torch.randn(3)):
+        with hessmlp.memory_budget(one // 2), torch.no_grad():
+            with pytest.raises(MemoryError, match="one sample needs"):
+                hessmlp.hessian(model, x, method="forward")
+
+
+def test_tensor_literals_of_other_kinds():
+    class M(nn.Module):
+        def __init__(self, lit):
+            super().__init__()
+            self.l, self.o, self.lit = nn.Linear(3, 4), nn.Linear(4, 1), lit
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.l(x)) * self.lit())
+
+    x = torch.randn(2, 3, dtype=f64)
+    torch.manual_seed(0)
+    small_int = M(lambda: torch.tensor(3, dtype=torch.int16)).double()
+    _check(small_int, x, "int16 literal")
+    _check(small_int, x, "int16 literal, second call")
+    with pytest.raises(UnsupportedModelError, match=r"a tensor literal of shape \(4,\)"):
+        hessmlp.hessian(M(lambda: torch.tensor([1, 2, 3, 4])).double(), x)
