@@ -102,6 +102,15 @@ def working_bytes(B: int, d: int, widths: Sequence[int], mode: str, method: str,
     return (out + work) * itemsize
 
 
+def backward_bytes(B: int, d: int, widths: Sequence[int], mode: str, itemsize: int,
+                   recompute: bool) -> int:
+    """Working memory of mlp_jet_backward: the forward jets' state when it is recomputed
+    (``recompute``: the forward kept none) and the sweep's columns."""
+    if recompute:
+        return working_bytes(B, d, widths, mode, "forward", itemsize, True)
+    return 3 * B * (1 + d + pairs(mode, d)) * max(widths) * itemsize
+
+
 # The CPU kernels take the forward and backward sweeps in blocks of samples whose columns
 # fill about this many bytes (csrc/cpu/kernels.h, kBlockBytes and rows_per_block).
 CPU_BLOCK_BYTES = 256 << 10

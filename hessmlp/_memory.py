@@ -120,26 +120,34 @@ def call_bytes(B, rows, d, widths, mode, method, x, save) -> int:
     return need
 
 
-def _feasible(B, d, widths, mode, method, x, save) -> bool:
+def _rows_if_feasible(B, d, widths, mode, method, x, save) -> int:
+    """rows_per_call when those chunks fit in the free memory, else 0."""
     rows = rows_per_call(B, d, widths, mode, method, x, save)
-    if rows == 0:
-        return False
-    return fits(call_bytes(B, rows, d, widths, mode, method, x, save), x.device)
+    if rows and not fits(call_bytes(B, rows, d, widths, mode, method, x, save), x.device):
+        return 0
+    return rows
 
 
-def choose_method(B, d, widths, mode, x, save) -> str:
-    """method='auto': forward jets when gradients will flow (their saved state serves the
-    backward) else the cheaper by the cost model, unless it does not fit where the other
-    does. (Reverse-Gram under gradients: the backward recomputes the state, in chunks.)"""
-    if d == 0:
-        return "forward"
-    first = "forward" if save else _cost.choose_method(d, widths, mode)
-    other = "reverse" if first == "forward" else "forward"
-    if _feasible(B, d, widths, mode, first, x, save):
-        return first
-    if _feasible(B, d, widths, mode, other, x, save):
-        return other
-    return first
+def _feasible(B, d, widths, mode, method, x, save) -> bool:
+    return _rows_if_feasible(B, d, widths, mode, method, x, save) > 0
+
+
+def plan(B, d, widths, mode, method, x, output, save):
+    """(method, samples per op call) for a call, or a MemoryError before anything is
+    allocated. method='auto': forward jets when gradients will flow (their saved state serves
+    the backward), else the cheaper by the cost model, unless it does not fit where the other
+    does (after reverse-Gram the backward recomputes the state, in chunks)."""
+    if method == "auto":
+        first = "forward" if save or d == 0 else _cost.choose_method(d, widths, mode)
+        candidates = (first,) if d == 0 else (first, "reverse" if first == "forward" else "forward")
+        for method in candidates:
+            rows = _rows_if_feasible(B, d, widths, mode, method, x, save)
+            if rows:
+                return method, rows
+        method = first
+    rows = rows_per_call(B, d, widths, mode, method, x, save)
+    check_call(B, rows, d, widths, mode, method, x, output, save)
+    return method, rows
 
 
 def _ways_out(B, d, widths, mode, method, x, output, save, backward=False,
@@ -199,13 +207,8 @@ def backward_rows(B: int, d: int, widths: Sequence[int], mode: str, x: torch.Ten
     """Samples per call of the backward op: all of them when its working memory (the forward
     jets' state, recomputed when the forward kept none, and the sweep) fits the budget and the
     free memory, else chunks; MemoryError when one sample does not fit."""
-    itemsize = x.element_size()
-
     def need(rows):
-        if recompute:
-            return _cost.working_bytes(rows, d, widths, mode, "forward", itemsize, True)
-        cols = 1 + d + _cost.pairs(mode, d)
-        return 3 * rows * cols * max(widths) * itemsize
+        return _cost.backward_bytes(rows, d, widths, mode, x.element_size(), recompute)
 
     if torch.compiler.is_compiling() or not isinstance(B, int) or \
             isinstance(x, torch._subclasses.FakeTensor) or B < 1:

@@ -121,7 +121,7 @@ def _mlp_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian, grad_state):
     mask = [need_x, any(need_w), any(need_b)]
     B, d = x.shape
     rows = _memory.backward_rows(B, d, [w.shape[0] for w in weights], mode, x, not state)
-    if rows is B or rows >= B:
+    if rows >= B:
         gx, gw, gb = torch.ops.hessmlp.mlp_jet_backward(
             grad_value, grad_jacobian, grad_hessian, x, weights, biases, stage_sizes, act_codes,
             act_params, mode, state, mask)

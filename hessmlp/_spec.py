@@ -719,7 +719,7 @@ _PLAIN = (bool, int, float, str, complex, type(None), torch.dtype, torch.device)
 def _frozen(v, depth: int = 0):
     """A comparable stand-in for an attribute's value: plain values themselves (NaN as a
     string, so that it equals itself), tensors by identity and version (a forward may use them
-    as constants), a plain object (a config) by its plain attributes, others by identity."""
+    as constants), other objects by identity and their plain attributes (a config's)."""
     if isinstance(v, float) and v != v:
         return "nan"
     if isinstance(v, _PLAIN):
@@ -728,10 +728,7 @@ def _frozen(v, depth: int = 0):
         return (type(v), tuple(_frozen(e, depth + 1) for e in v))
     if isinstance(v, torch.Tensor):
         return (torch.Tensor, id(v), v._version, v.requires_grad)
-    if depth < 2 and not isinstance(v, (nn.Module, type)) and not callable(v) and \
-            isinstance(getattr(v, "__dict__", None), dict) and len(v.__dict__) <= 64:
-        return (type(v), id(v), tuple((k, _frozen(e, depth + 1)) for k, e in v.__dict__.items()))
-    return (type(v), id(v))
+    return (type(v), id(v), _held_plain(v))
 
 
 # Plain attributes of a user's module class (Siren.w0 = 30.0) that a forward may read, per class.
@@ -816,7 +813,8 @@ def _class_attr_names(cls: type) -> tuple:
 
 
 def _held_plain(v) -> tuple:
-    """The plain attributes of an object a module holds (a config), for _compiled_key."""
+    """The plain attributes of an object a module holds (a config): part of the fingerprint
+    eager (_frozen) and compiled (_compiled_key)."""
     if isinstance(v, _PLAIN + (torch.Tensor, nn.Module, type, tuple, list, dict)) or callable(v) \
             or not isinstance(getattr(v, "__dict__", None), dict):
         return ()

@@ -151,8 +151,7 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     # saves each layer's state; after reverse-Gram the backward recomputes it.
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xb, *net.weights, *net.biases))
-    if method == "auto":
-        method = _memory.choose_method(B, d, widths, mode, xb, save)
+    method, rows = _memory.plan(B, d, widths, mode, method, xb, output, save)
     biases = net.biases
     if save and any(b is None for b in biases) and any(b is not None for b in biases):
         # Autograd cannot track a list that mixes None and tensors (see _ops.py).
@@ -162,8 +161,6 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         return torch.ops.hessmlp.mlp_jet(xc, net.weights, biases, net.stage_sizes, net.act_codes,
                                          net.act_params, mode, method, save)[:3]
 
-    rows = _memory.rows_per_call(B, d, widths, mode, method, xb, save)
-    _memory.check_call(B, rows, d, widths, mode, method, xb, output, save)
     if rows >= B:
         value, jac, hess = run(xb)
     else:
