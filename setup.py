@@ -4,6 +4,12 @@ CUDA is built when torch is a CUDA build and a CUDA toolkit is found, never
 because a GPU happens to be visible. Overrides: FORCE_CUDA=1, FORCE_ONLY_CPU=1.
 DEBUG=1 builds with -O0 -g, LINE_INFO=1 adds -lineinfo to nvcc. ccache is used when installed
 (NO_CCACHE=1: not).
+
+HESSMLP_EMULATED_CUDA=1 builds, instead, the test-only extension hessmlp._C_emulated: the
+CUDA kernels of csrc/cuda compiled as host C++ and run on the CPU by csrc/emulated's
+stand-in for the CUDA execution model, as the ops of the library hessmlp_emulated (CPU
+tensors). Tests use it; users never get it. .ci/cuda_emulated builds it with
+    HESSMLP_EMULATED_CUDA=1 python setup.py build_ext --inplace --build-temp build/emulated
 """
 import glob
 import os
@@ -40,7 +46,11 @@ def use_ccache():
             return
 
 
-def extension():
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cxx_flags():
     debug = _flag("DEBUG")
     # -g0: no debug info in release builds (Python's CFLAGS add -g; it made the largest
     # translation unit compile a third slower).
@@ -51,10 +61,15 @@ def extension():
         # every loop on one thread. The GOMP symbols resolve to the libgomp torch loads.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    return cxx, link
+
+
+def extension():
+    debug = _flag("DEBUG")
+    cxx, link = _cxx_flags()
     # The C++ standard and -DPy_LIMITED_API (py_limited_api=True) are the ones torch sets.
-    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cuda_sources = rel("csrc/cuda/*.cu")
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
+    cuda_sources = _rel("csrc/cuda/*.cu")
     if use_cuda() and cuda_sources:
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
         nvcc += ["--expt-relaxed-constexpr"]
@@ -76,9 +91,25 @@ def extension():
     )
 
 
+def emulated_extension():
+    """hessmlp._C_emulated (see the top): the driver, the schemas and csrc/cuda's kernels
+    through csrc/emulated. Its symbols are hidden, so that it and hessmlp._C, which share
+    the driver's code, can be loaded into one process."""
+    cxx, link = _cxx_flags()
+    sources = ["csrc/ops.cpp", "csrc/jet_common.cpp", "csrc/jet_driver.cpp"] + _rel("csrc/emulated/*.cpp")
+    return CppExtension(
+        "hessmlp._C_emulated",
+        sources,
+        extra_compile_args={"cxx": cxx + ["-DHESSMLP_EMULATE_CUDA", "-fvisibility=hidden",
+                                          "-fvisibility-inlines-hidden"]},
+        extra_link_args=link,
+        py_limited_api=True,
+    )
+
+
 use_ccache()
 setup(
-    ext_modules=[extension()],
+    ext_modules=[emulated_extension() if _flag("HESSMLP_EMULATED_CUDA") else extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

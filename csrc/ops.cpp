@@ -1,8 +1,12 @@
 // The schemas of every hessmlp op, and nothing else. Kernels register
-// themselves per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+// themselves per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu (and, in the test-only
+// emulated build, the same schemas define the library hessmlp_emulated: csrc/library.h).
+#include "library.h"
+
 #include <Python.h>
 #include <torch/library.h>
 
+#if !defined(HESSMLP_EMULATE_CUDA)
 extern "C" {
 // `import hessmlp._C` loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
@@ -10,8 +14,9 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
-TORCH_LIBRARY(hessmlp, m) {
+HESSMLP_TORCH_LIBRARY(HESSMLP_LIBRARY, m) {
   // Value, Jacobian and second-order part of a fully-connected network at x.
   //   x           [B, d]
   //   weights[l]  [n_l, n_{l-1}]          (n_{-1} = d, n_{L-1} = m)

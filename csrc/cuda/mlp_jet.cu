@@ -71,13 +71,13 @@ __global__ void unpack_packed_kernel(int64_t rows, int64_t d, const T* packed, T
 }  // namespace
 
 void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_cuda", [&] {
-    stage_forward_kernel<scalar_t><<<blocks_for(a.batch * a.n), kThreads, 0, stream>>>(
+    HM_LAUNCH(blocks_for(a.batch * a.n), kThreads, 0, stream, stage_forward_kernel<scalar_t>)(
         a.mode, a.batch, a.n, a.d, a.stage, stage_input<scalar_t>(a), out.data_ptr<scalar_t>(),
         s1.defined() ? s1.data_ptr<scalar_t>() : nullptr,
         s2.defined() ? s2.data_ptr<scalar_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    HM_LAUNCH_CHECK();
   });
 }
 
@@ -85,12 +85,12 @@ void unpack(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at:
             at::Tensor& hess) {
   const int64_t B = cols.size(0), C = cols.size(1), m = cols.size(2);
   const int64_t h_per = mode == Mode::None ? 0 : hess.numel() / (B * m);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(cols.scalar_type(), "mlp_jet_unpack_cuda", [&] {
-    unpack_kernel<scalar_t><<<blocks_for(B * m), kThreads, 0, stream>>>(
+    HM_LAUNCH(blocks_for(B * m), kThreads, 0, stream, unpack_kernel<scalar_t>)(
         mode, B, m, d, C, h_per, cols.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
         jac.data_ptr<scalar_t>(), h_per ? hess.data_ptr<scalar_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    HM_LAUNCH_CHECK();
   });
 }
 
@@ -102,29 +102,29 @@ void gram(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,
   // (The strides of dimensions of size 1 are arbitrary.)
   TORCH_INTERNAL_ASSERT((n == 1 || t.stride(-1) == 1) && (Q == 1 || packed.stride(-1) == 1) &&
                         (m == 1 || packed.stride(-2) == Q));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mlp_jet_gram_cuda", [&] {
-    gram_kernel<scalar_t><<<blocks_for(B * m * Q), kThreads, 0, stream>>>(
+    HM_LAUNCH(blocks_for(B * m * Q), kThreads, 0, stream, gram_kernel<scalar_t>)(
         mode, B, m, n, d, g.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
         shared ? 0 : t.stride(0), t.stride(-2), packed.data_ptr<scalar_t>(), packed.stride(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    HM_LAUNCH_CHECK();
   });
   g.mul_(s1.unsqueeze(1));  // dy/da becomes dy/dz, after the kernel has read g (same stream)
 }
 
 void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess) {
   const int64_t rows = packed.size(0);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "mlp_jet_unpack_packed_cuda", [&] {
-    unpack_packed_kernel<scalar_t><<<blocks_for(rows * packed.size(1)), kThreads, 0, stream>>>(
-        rows, d, packed.data_ptr<scalar_t>(), hess.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    HM_LAUNCH(blocks_for(rows * packed.size(1)), kThreads, 0, stream,
+              unpack_packed_kernel<scalar_t>)(rows, d, packed.data_ptr<scalar_t>(), hess.data_ptr<scalar_t>());
+    HM_LAUNCH_CHECK();
   });
 }
 
 }  // namespace cuda
 }  // namespace hessmlp
 
-TORCH_LIBRARY_IMPL(hessmlp, CUDA, m) {
+TORCH_LIBRARY_IMPL(HESSMLP_LIBRARY, HESSMLP_CUDA_KEY, m) {
   m.impl("mlp_jet", &hessmlp::mlp_jet_op<&hessmlp::cuda::kernels>);
 }

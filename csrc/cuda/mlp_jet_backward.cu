@@ -36,11 +36,11 @@ __global__ void pack_adjoint_kernel(Mode mode, int64_t B, int64_t m, int64_t d, 
 }  // namespace
 
 void stage_adjoint(const StageArgs& a, at::Tensor& g) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(a.state.scalar_type(), "mlp_jet_stage_adjoint_cuda", [&] {
-    stage_adjoint_kernel<scalar_t><<<blocks_for(a.batch * a.n), kThreads, 0, stream>>>(
+    HM_LAUNCH(blocks_for(a.batch * a.n), kThreads, 0, stream, stage_adjoint_kernel<scalar_t>)(
         a.mode, a.batch, a.n, a.d, a.stage, stage_input<scalar_t>(a), g.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    HM_LAUNCH_CHECK();
   });
 }
 
@@ -48,19 +48,19 @@ void pack_adjoint(Mode mode, int64_t d, const at::Tensor& value, const at::Tenso
                   const at::Tensor& hess, at::Tensor& g) {
   const int64_t B = g.size(0), C = g.size(1), m = g.size(2);
   const int64_t h_per = hess.defined() ? hess.numel() / (B * m) : 0;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mlp_jet_pack_adjoint_cuda", [&] {
-    pack_adjoint_kernel<scalar_t><<<blocks_for(B * m), kThreads, 0, stream>>>(
+    HM_LAUNCH(blocks_for(B * m), kThreads, 0, stream, pack_adjoint_kernel<scalar_t>)(
         mode, B, m, d, C, h_per, value.defined() ? value.data_ptr<scalar_t>() : nullptr,
         jac.defined() ? jac.data_ptr<scalar_t>() : nullptr,
         hess.defined() ? hess.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    HM_LAUNCH_CHECK();
   });
 }
 
 }  // namespace cuda
 }  // namespace hessmlp
 
-TORCH_LIBRARY_IMPL(hessmlp, CUDA, m) {
+TORCH_LIBRARY_IMPL(HESSMLP_LIBRARY, HESSMLP_CUDA_KEY, m) {
   m.impl("mlp_jet_backward", &hessmlp::mlp_jet_backward_op<&hessmlp::cuda::kernels>);
 }

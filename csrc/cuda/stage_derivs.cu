@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 namespace hessmlp {
@@ -23,15 +24,15 @@ __global__ void stage_derivs_kernel(int64_t N, StageDesc stage, const T* z, T* o
 
 at::Tensor stage_derivs_cuda(const at::Tensor& z_in, at::IntArrayRef act_codes,
                              at::ArrayRef<double> act_params) {
-  const c10::cuda::CUDAGuard guard(z_in.device());
+  const c10::DeviceGuard guard(z_in.device());
   const StageDerivsCall c = prepare_stage_derivs(z_in, act_codes, act_params);
   const int64_t N = c.z.numel();
   if (N == 0) return c.out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(c.z.scalar_type(), "stage_derivs_cuda", [&] {
-    stage_derivs_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
+    HM_LAUNCH(blocks_for(N), kThreads, 0, stream, stage_derivs_kernel<scalar_t>)(
         N, c.stage, c.z.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    HM_LAUNCH_CHECK();
   });
   return c.out;
 }
@@ -40,6 +41,6 @@ at::Tensor stage_derivs_cuda(const at::Tensor& z_in, at::IntArrayRef act_codes,
 }  // namespace cuda
 }  // namespace hessmlp
 
-TORCH_LIBRARY_IMPL(hessmlp, CUDA, m) {
+TORCH_LIBRARY_IMPL(HESSMLP_LIBRARY, HESSMLP_CUDA_KEY, m) {
   m.impl("stage_derivs", &hessmlp::cuda::stage_derivs_cuda);
 }

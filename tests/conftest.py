@@ -1,0 +1,55 @@
+"""The backend the tests run hessmlp's ops on.
+
+HESSMLP_TEST_BACKEND=emulated (set by .ci/cuda_emulated) runs the whole suite with the CPU
+kernels of hessmlp's ops replaced by the emulated CUDA build's (hessmlp._C_emulated: the
+kernels of csrc/cuda and their launchers, run on the CPU; see csrc/emulated): every test
+that calls hessmlp on the CPU then checks the CUDA code's results through the public API.
+HESSMLP_TEST_GRID_CAP (default 3 there) caps the launchers' grids, so that every
+grid-stride loop goes round several times. Unset or 'native': hessmlp's own CPU kernels.
+A test module with NATIVE_BACKEND = True keeps the native kernels (it compares the two).
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+
+BACKEND = os.environ.get("HESSMLP_TEST_BACKEND", "native")
+if BACKEND not in ("native", "emulated"):
+    raise ValueError(f"HESSMLP_TEST_BACKEND must be 'native' or 'emulated', got {BACKEND!r}")
+GRID_CAP = int(os.environ.get("HESSMLP_TEST_GRID_CAP", "3"))
+OPS = ("mlp_jet", "mlp_jet_backward", "stage_derivs")
+
+if BACKEND == "emulated":
+    import hessmlp._C_emulated  # noqa: F401  (an error here: build it, see .ci/cuda_emulated)
+
+
+@contextlib.contextmanager
+def emulated_kernels(grid_cap=0):
+    """hessmlp's ops on the CPU run the emulated CUDA kernels while inside (the dispatcher
+    takes the latest registration for a key and restores the previous one when it goes)."""
+    import warnings
+
+    import hessmlp  # noqa: F401
+
+    lib = torch.library.Library("hessmlp", "IMPL")  # noqa: TOR901
+    emulated = torch.ops.hessmlp_emulated
+    previous = emulated.set_grid_cap(grid_cap)
+    try:
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel"
+            warnings.simplefilter("ignore")
+            for op in OPS:
+                lib.impl(op, getattr(emulated, op).default, "CPU")
+        yield
+    finally:
+        lib._destroy()
+        emulated.set_grid_cap(previous)
+
+
+@pytest.fixture(autouse=True)
+def _backend(request):
+    if BACKEND == "emulated" and not getattr(request.module, "NATIVE_BACKEND", False):
+        with emulated_kernels(GRID_CAP):
+            yield
+    else:
+        yield
