@@ -10,6 +10,7 @@ CUDA kernels of csrc/cuda compiled as host C++ and run on the CPU by csrc/emulat
 stand-in for the CUDA execution model, as the ops of the library hessmlp_emulated (CPU
 tensors). Tests use it; users never get it. .ci/cuda_emulated builds it with
     HESSMLP_EMULATED_CUDA=1 python setup.py build_ext --inplace --build-temp build/emulated
+(HESSMLP_EMULATED_ASAN=1: with AddressSanitizer).
 """
 import glob
 import os
@@ -94,15 +95,18 @@ def extension():
 def emulated_extension():
     """hessmlp._C_emulated (see the top): the driver, the schemas and csrc/cuda's kernels
     through csrc/emulated. Its symbols are hidden, so that it and hessmlp._C, which share
-    the driver's code, can be loaded into one process."""
+    the driver's code, can be loaded into one process. HESSMLP_EMULATED_ASAN=1 adds
+    AddressSanitizer: a kernel's read or write outside a tensor then stops the tests (run
+    python with libasan and libstdc++ in LD_PRELOAD, as .ci/cuda_emulated does)."""
     cxx, link = _cxx_flags()
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if _flag("HESSMLP_EMULATED_ASAN") else []
     sources = ["csrc/ops.cpp", "csrc/jet_common.cpp", "csrc/jet_driver.cpp"] + _rel("csrc/emulated/*.cpp")
     return CppExtension(
         "hessmlp._C_emulated",
         sources,
         extra_compile_args={"cxx": cxx + ["-DHESSMLP_EMULATE_CUDA", "-fvisibility=hidden",
-                                          "-fvisibility-inlines-hidden"]},
-        extra_link_args=link,
+                                          "-fvisibility-inlines-hidden"] + asan},
+        extra_link_args=link + asan,
         py_limited_api=True,
     )
 

@@ -33,7 +33,6 @@ MODES = ["full", "diag", "trace", "none"]
 METHODS = ["forward", "reverse"]
 MASKS = [list(m) for m in itertools.product([False, True], repeat=3) if any(m)]
 f64 = torch.float64
-THREADS = 256  # csrc/cuda/kernels.cuh's kThreads
 
 
 def emulated():
@@ -223,14 +222,17 @@ def test_grid_stride_loops(cap):
         return out
 
     full = run_all()
-    launches, blocks, threads, max_grid, _ = emulated().launch_stats(True)
+    launches, blocks, threads, max_grid, _, items, max_items = emulated().launch_stats(True)
+    assert max_items == 1  # a thread for every item: as many blocks as the work needs
     assert max_grid > cap
     emulated().set_grid_cap(cap)
     g.manual_seed(0)
     capped = run_all()
-    launches2, blocks2, threads2, max_grid2, _ = emulated().launch_stats(True)
+    launches2, blocks2, threads2, max_grid2, _, items2, max_items2 = emulated().launch_stats(True)
     assert launches2 == launches and max_grid2 == cap and threads2 < threads
-    assert B * 33 > cap * THREADS  # (the largest launches loop)
+    # Each item once, and threads that go round the loop.
+    per_block = threads2 // blocks2  # (csrc/cuda/kernels.cuh's kThreads)
+    assert items2 == items and max_items2 >= -(-B * 33 // (cap * per_block)) > 1
     for i, (a, b) in enumerate(zip(capped, full)):
         assert torch.equal(a, b), f"result {i} differs with a grid cap of {cap}"
 

@@ -82,9 +82,16 @@ inline unsigned int blocks_for(int64_t work) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, max_blocks())));
 }
 
-#define HM_GRID_LOOP(i, total)                                                          \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (total); \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+// for (i over this thread's share of 0 .. total - 1): the grid-stride loop. (The emulated
+// build counts its iterations: emu::Stats.)
+#if defined(HESSMLP_EMULATE_CUDA)
+#define HM_GRID_LOOP_COUNT && ::hessmlp::emu::grid_item()
+#else
+#define HM_GRID_LOOP_COUNT
+#endif
+#define HM_GRID_LOOP(i, total)                                                            \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;          \
+       i < (total) HM_GRID_LOOP_COUNT; i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 }  // namespace cuda
 }  // namespace hessmlp

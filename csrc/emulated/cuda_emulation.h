@@ -20,7 +20,8 @@
 //   bytes at the start of each block; blocks one after another. __syncthreads or shared
 //   memory in a kernel launched the first way throws;
 // - the grid's size cap of the launchers (kernels.cuh's max_blocks()), settable by tests
-//   (small: the grid-stride loops go round several times), and counts of what ran.
+//   (small: the grid-stride loops go round several times), and counts of what ran: the
+//   launches, blocks, threads, and the iterations of the grid-stride loops (HM_GRID_LOOP).
 // What it does not: warps and their intrinsics, atomics, streams (launches are
 // synchronous; the stream argument is ignored), device memory (pointers are host
 // memory), the device's math library (HM_MATH takes std:: functions).
@@ -80,10 +81,13 @@ constexpr size_t kMaxDynamicShared = 48 * 1024;
 struct Stream {};
 
 // What the launches did, for tests; and the launchers' grid cap (0: the real one).
+// items: the iterations of the kernels' grid-stride loops (HM_GRID_LOOP), all threads
+// together; max_items: the most one thread did in one launch (1: a grid for every item).
 struct Stats {
   int64_t launches = 0, blocks = 0, threads = 0;
   int64_t max_grid = 0;
   int64_t shared_launches = 0;
+  int64_t items = 0, max_items = 0;
 };
 
 inline std::mutex& state_mutex() {
@@ -220,6 +224,19 @@ inline void count(const dim3& grid, const dim3& block, bool shared) {
   if (shared) s.shared_launches += 1;
 }
 
+// The grid-stride loop iterations of the CUDA thread this host thread is running.
+inline thread_local int64_t thread_items = 0;
+inline bool grid_item() {
+  ++thread_items;
+  return true;
+}
+inline void count_items(int64_t items, int64_t max_items) {
+  std::lock_guard<std::mutex> lk(state_mutex());
+  Stats& s = stats();
+  s.items += items;
+  if (max_items > s.max_items) s.max_items = max_items;
+}
+
 inline uint3 unflatten(int64_t i, const dim3& dims) {
   const unsigned int x = static_cast<unsigned int>(i % dims.x);
   const int64_t yz = i / dims.x;
@@ -237,13 +254,18 @@ void launch_serial(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   const dim3 saved_bd = blockDim, saved_gd = gridDim;
   gridDim = grid;
   blockDim = block;
+  int64_t items = 0, max_items = 0;
   for (int64_t bi = n_blocks - 1; bi >= 0; --bi) {
     blockIdx = unflatten(bi, grid);
     for (int64_t ti = n_threads - 1; ti >= 0; --ti) {
       threadIdx = unflatten(ti, block);
+      thread_items = 0;
       kernel(args...);
+      items += thread_items;
+      if (thread_items > max_items) max_items = thread_items;
     }
   }
+  count_items(items, max_items);
   blockIdx = saved_b;
   threadIdx = saved_t;
   blockDim = saved_bd;
@@ -278,6 +300,7 @@ void launch_shared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     ctx.shared_bytes = shared.size();
     ctx.dynamic_bytes = smem;
     block_context = &ctx;
+    int64_t items = 0, max_items = 0;
     try {
       for (int64_t bi = 0; bi < n_blocks; ++bi) {
         blockIdx = unflatten(bi, grid);
@@ -285,7 +308,10 @@ void launch_shared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
         if (t == 0) start_block();
         block_end.arrive_and_wait();  // the block starts for everyone after its setup
         try {
+          thread_items = 0;
           kernel(args...);
+          items += thread_items;
+          if (thread_items > max_items) max_items = thread_items;
         } catch (const BlockBarrier::Broken&) {
           throw;
         } catch (...) {
@@ -304,6 +330,7 @@ void launch_shared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
       sync.break_all();
       block_end.break_all();
     }
+    count_items(items, max_items);
     block_context = nullptr;
   };
   block_end.reset(n_threads);

@@ -31,12 +31,14 @@ int64_t set_grid_cap(int64_t cap) {
   return grid_cap().exchange(cap);
 }
 
-// [launches, blocks, threads, largest grid, launches with shared memory] since the
-// last reset; reset = true clears them after reading.
+// [launches, blocks, threads, largest grid, launches with shared memory, grid-stride
+// loop iterations, the most of them in one thread] since the last reset (emu::Stats);
+// reset = true clears them after reading.
 std::vector<int64_t> launch_stats(bool reset) {
   std::lock_guard<std::mutex> lk(state_mutex());
   Stats& s = stats();
-  std::vector<int64_t> out{s.launches, s.blocks, s.threads, s.max_grid, s.shared_launches};
+  std::vector<int64_t> out{s.launches, s.blocks,          s.threads,  s.max_grid,
+                           s.shared_launches, s.items, s.max_items};
   if (reset) s = Stats{};
   return out;
 }
