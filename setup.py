@@ -9,7 +9,7 @@ HESSMLP_EMULATED_CUDA=1 builds, instead, the test-only extension hessmlp._C_emul
 CUDA kernels of csrc/cuda compiled as host C++ and run on the CPU by csrc/emulated's
 stand-in for the CUDA execution model, as the ops of the library hessmlp_emulated (CPU
 tensors). Tests use it; users never get it. .ci/cuda_emulated builds it with
-    HESSMLP_EMULATED_CUDA=1 python setup.py build_ext --inplace --build-temp build/emulated
+    HESSMLP_EMULATED_CUDA=1 python setup.py build_ext --inplace --force --build-temp build/emulated
 (HESSMLP_EMULATED_ASAN=1: with AddressSanitizer).
 """
 import glob
@@ -104,6 +104,7 @@ def emulated_extension():
     return CppExtension(
         "hessmlp._C_emulated",
         sources,
+        depends=_rel("csrc/*.h") + _rel("csrc/cuda/*") + _rel("csrc/emulated/*.h"),
         extra_compile_args={"cxx": cxx + ["-DHESSMLP_EMULATE_CUDA", "-fvisibility=hidden",
                                           "-fvisibility-inlines-hidden"] + asan},
         extra_link_args=link + asan,

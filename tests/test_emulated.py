@@ -116,13 +116,14 @@ def test_forward_against_cpu_kernels_and_torch_func(act, dtype):
             check_same(got, want, dtype, f"state {mode} {tag}")
 
 
+@pytest.mark.parametrize("shape", [(3, [19, 8], 2, 11), (17, [33], 1, 5)], ids=["d3", "d17"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", [a for a, _ in ACTIVATIONS])
-def test_backward_against_cpu_kernels_and_torch_func(act, dtype, mode):
-    d, widths, m, B = 3, [19, 8], 2, 11
+def test_backward_against_cpu_kernels_and_torch_func(act, dtype, mode, shape):
+    d, widths, m, B = shape
     model = random_mlp(d, widths, m, ACT[act], dtype=dtype, seed=5, final_act=True)
-    x = torch.randn(B, d, dtype=dtype)
+    x = non_contiguous(torch.randn(B, d, dtype=dtype))
     args = flat(model)
     g = torch.Generator().manual_seed(1)
     outs = emulated().mlp_jet(x, *args, mode, "forward", True)
@@ -156,29 +157,33 @@ def test_backward_against_cpu_kernels_and_torch_func(act, dtype, mode):
                 assert err <= tol * scale, f"{act} {mode} vs torch.func grad {name}: {err:.3e}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", list(range(1, 21)))
-def test_widths_and_input_sizes(d):
+def test_widths_and_input_sizes(d, dtype):
     """d = 1 .. 20 (reverse-Gram's kernel up to 16, batched GEMMs above), widths 1 .. 70,
-    depths 1 .. 4, odd batches, with and without biases: against the CPU kernels."""
+    depths 1 .. 4, odd batches, with and without biases, every activation: against the CPU
+    kernels and torch.func."""
     g = torch.Generator().manual_seed(d)
     pick = lambda seq: seq[torch.randint(len(seq), (1,), generator=g).item()]  # noqa: E731
-    depth = 1 + d % 4
+    depth = 1 if d % 7 == 0 else 2 + d % 3
     widths = [pick([1, 2, 7, 33, 64, 70]) for _ in range(depth - 1)]
     m, B, bias, final_act = pick([1, 2, 3]), pick([1, 2, 9, 31]), d % 3 != 0, d % 2 == 0
-    model = random_mlp(d, widths, m, nn.Tanh if d % 2 else nn.SiLU, bias=bias, seed=d, final_act=final_act)
-    x = torch.randn(B, d, dtype=f64)
+    act, make = ACTIVATIONS[d % len(ACTIVATIONS)]
+    model = random_mlp(d, widths, m, make, bias=bias, dtype=dtype, seed=d, final_act=final_act)
+    x = torch.randn(B, d, dtype=dtype)
     args = flat(model)
-    tag = f"d={d} widths={widths} m={m} B={B} bias={bias} final_act={final_act}"
+    tag = f"d={d} widths={widths} m={m} B={B} bias={bias} final_act={final_act} {act}"
     for mode, method in itertools.product(MODES, METHODS):
         check_same(emulated().mlp_jet(x, *args, mode, method)[:3],
-                   native().mlp_jet(x, *args, mode, method)[:3], f64, f"{mode} {method} {tag}")
+                   native().mlp_jet(x, *args, mode, method)[:3], dtype, f"{mode} {method} {tag}")
     hess = func_reference(model, x)[2]
-    assert_rel_close(emulated().mlp_jet(x, *args, "full", "reverse")[2], hess, f64, f"reverse {tag}")
+    for method in METHODS:
+        assert_rel_close(emulated().mlp_jet(x, *args, "full", method)[2], hess, dtype, f"{method} {tag}")
     # One output (hessmlp's output=k: the last Linear's row k).
     k = m - 1
     w, b = args[0], args[1]
     one = ([*w[:-1], w[-1][k:k + 1]], [*b[:-1], None if b[-1] is None else b[-1][k:k + 1]], *args[2:])
-    assert_rel_close(emulated().mlp_jet(x, *one, "full", "forward")[2][:, 0], hess[:, k], f64,
+    assert_rel_close(emulated().mlp_jet(x, *one, "full", "reverse")[2][:, 0], hess[:, k], dtype,
                      f"output={k} {tag}")
 
 
@@ -279,6 +284,17 @@ def test_shared_memory_and_barriers(blocks, threads, active, n):
     want = torch.stack([x[(idx // active) % blocks == b].sum() for b in range(blocks)])
     torch.testing.assert_close(got, want.unsqueeze(1).expand(blocks, active), rtol=1e-12, atol=1e-12)
     assert emulated().launch_stats()[4] == 1
+
+
+@pytest.mark.parametrize("fail_thread", [0, 5, 15])
+def test_a_throwing_thread_ends_the_launch(fail_thread):
+    """One thread of a block throws while the others wait at a barrier: the launch ends
+    with that error (the emulation does not hang), and the next launch runs."""
+    x = torch.randn(1000, dtype=f64)
+    with pytest.raises(RuntimeError, match=f"thread {fail_thread} fails"):
+        emulated().block_sums(x, 3, 64, 16, True, fail_thread)
+    got = emulated().block_sums(x, 1, 64, 16, True)
+    torch.testing.assert_close(got, x.sum().expand(16), rtol=1e-12, atol=1e-12)
 
 
 def test_barrier_in_a_serial_launch_is_refused():

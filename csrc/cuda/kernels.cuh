@@ -36,7 +36,9 @@
 #define HM_LAUNCH_SHARED(grid, block, smem, stream, ...) \
   ::hessmlp::emu::launcher(&__VA_ARGS__, grid, block, smem, stream, true)
 #define HM_LAUNCH_CHECK() ::hessmlp::emu::launch_check()
-#define HM_SHARED(T, name, count) T* name = ::hessmlp::emu::static_shared<T>(count)
+#define HM_SHARED(T, name, count)          \
+  static const char hm_shared_##name = 0; \
+  T* name = ::hessmlp::emu::static_shared<T>(&hm_shared_##name, count)
 #define HM_DYNAMIC_SHARED(T, name) T* name = ::hessmlp::emu::dynamic_shared<T>()
 #else
 #define HM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>

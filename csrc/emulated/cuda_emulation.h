@@ -10,15 +10,16 @@
 // - the launch's checks, as the CUDA runtime makes them ("invalid configuration
 //   argument": an empty grid or block, more than 1024 threads a block, a grid or block
 //   dimension over its limit, more than 48 KiB of dynamic shared memory), reported by
-//   the launch check that follows;
-// - two kinds of launch. hm_launch (HM_LAUNCH): threads that neither share memory nor
+//   the launch check that follows (the device's wording for too much shared memory may
+//   differ);
+// - two kinds of launch. HM_LAUNCH: threads that neither share memory nor
 //   wait for each other run one after another, blocks and threads in reverse order (a
 //   kernel that reads what another thread writes without a barrier is likely to fail).
-//   hm_launch_shared (HM_LAUNCH_SHARED): one host thread per CUDA thread of a block,
+//   HM_LAUNCH_SHARED: one host thread per CUDA thread of a block,
 //   __syncthreads a barrier among them (threads that have returned leave it), the
-//   block's shared memory (HM_SHARED, HM_DYNAMIC_SHARED) one buffer filled with NaN
-//   bytes at the start of each block; blocks one after another. __syncthreads or shared
-//   memory in a kernel launched the first way throws;
+//   block's shared memory (HM_SHARED arrays, one per declaration; HM_DYNAMIC_SHARED) one
+//   buffer filled with NaN bytes at the start of each block; blocks one after another.
+//   __syncthreads or shared memory in a kernel launched the first way throws;
 // - the grid's size cap of the launchers (kernels.cuh's max_blocks()), settable by tests
 //   (small: the grid-stride loops go round several times), and counts of what ran: the
 //   launches, blocks, threads, and the iterations of the grid-stride loops (HM_GRID_LOOP).
@@ -164,12 +165,19 @@ class BlockBarrier {
   bool broken_ = false;
 };
 
+// Where a shared launch's static shared arrays lie in its shared memory: by declaration
+// (HM_SHARED's tag), after the launch's dynamic shared memory, the same for every block.
+struct SharedLayout {
+  std::mutex mu;
+  std::vector<std::pair<const void*, size_t>> offsets;
+  size_t end = 0;
+};
+
 // The block a host thread runs in a shared launch (null in a serial launch).
 struct BlockContext {
   BlockBarrier* barrier = nullptr;
-  unsigned char* shared = nullptr;  // static shared arrays, then the dynamic ones
-  size_t shared_bytes = 0, dynamic_bytes = 0;
-  size_t static_cursor = 0;  // this thread's next static shared array
+  unsigned char* shared = nullptr;  // the dynamic shared memory, then the static arrays
+  SharedLayout* layout = nullptr;
 };
 inline thread_local BlockContext* block_context = nullptr;
 
@@ -183,25 +191,30 @@ inline void syncthreads() {
   block_context->barrier->arrive_and_wait();
 }
 
-// Static shared memory: every thread of the block declares the same arrays in the
-// same order, so the k-th declaration of each gets the same place.
-constexpr size_t kStaticShared = 48 * 1024;
+// A static shared array (HM_SHARED): one place per declaration, tag, whichever thread
+// reaches it first, and the same in every block; static and dynamic shared memory
+// together at most 48 KiB, as on the device without an opt-in.
 template <typename T>
-T* static_shared(size_t count) {
+T* static_shared(const void* tag, size_t count) {
   if (block_context == nullptr) not_shared("shared memory");
-  BlockContext& b = *block_context;
-  const size_t align = alignof(T) < 16 ? 16 : alignof(T);
-  const size_t at = (b.static_cursor + align - 1) / align * align;
-  TORCH_CHECK(at + count * sizeof(T) <= kStaticShared,
-              "emulated CUDA: more than 48 KiB of static shared memory");
-  b.static_cursor = at + count * sizeof(T);
-  return reinterpret_cast<T*>(b.shared + at);
+  SharedLayout& l = *block_context->layout;
+  std::lock_guard<std::mutex> lk(l.mu);
+  for (const auto& [t, at] : l.offsets) {
+    if (t == tag) return reinterpret_cast<T*>(block_context->shared + at);
+  }
+  constexpr size_t align = alignof(T) < 16 ? 16 : alignof(T);
+  const size_t at = (l.end + align - 1) / align * align;
+  TORCH_CHECK(at + count * sizeof(T) <= kMaxDynamicShared,
+              "emulated CUDA: more than 48 KiB of shared memory (static and dynamic)");
+  l.offsets.emplace_back(tag, at);
+  l.end = at + count * sizeof(T);
+  return reinterpret_cast<T*>(block_context->shared + at);
 }
 
 template <typename T>
 T* dynamic_shared() {
   if (block_context == nullptr) not_shared("shared memory");
-  return reinterpret_cast<T*>(block_context->shared + kStaticShared);
+  return reinterpret_cast<T*>(block_context->shared);
 }
 
 inline bool check_config(const dim3& grid, const dim3& block, size_t smem) {
@@ -243,6 +256,18 @@ inline uint3 unflatten(int64_t i, const dim3& dims) {
   return uint3{x, static_cast<unsigned int>(yz % dims.y), static_cast<unsigned int>(yz / dims.y)};
 }
 
+// Puts back this thread's built-in variables when a launch ends (or throws).
+struct SavedBuiltins {
+  uint3 b = blockIdx, t = threadIdx;
+  dim3 bd = blockDim, gd = gridDim;
+  ~SavedBuiltins() {
+    blockIdx = b;
+    threadIdx = t;
+    blockDim = bd;
+    gridDim = gd;
+  }
+};
+
 // Threads that neither share memory nor synchronise: one after another on this thread.
 template <typename... Params, typename... Args>
 void launch_serial(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
@@ -250,8 +275,7 @@ void launch_serial(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   count(grid, block, false);
   const int64_t n_blocks = int64_t(grid.x) * grid.y * grid.z;
   const int64_t n_threads = int64_t(block.x) * block.y * block.z;
-  const uint3 saved_b = blockIdx, saved_t = threadIdx;
-  const dim3 saved_bd = blockDim, saved_gd = gridDim;
+  const SavedBuiltins saved;
   gridDim = grid;
   blockDim = block;
   int64_t items = 0, max_items = 0;
@@ -266,10 +290,6 @@ void launch_serial(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     }
   }
   count_items(items, max_items);
-  blockIdx = saved_b;
-  threadIdx = saved_t;
-  blockDim = saved_bd;
-  gridDim = saved_gd;
 }
 
 // Threads of a block that share memory and meet at __syncthreads: one host thread per
@@ -280,7 +300,9 @@ void launch_shared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   count(grid, block, true);
   const int64_t n_blocks = int64_t(grid.x) * grid.y * grid.z;
   const int n_threads = static_cast<int>(block.x * block.y * block.z);
-  std::vector<unsigned char> shared(kStaticShared + smem);
+  std::vector<unsigned char> shared(kMaxDynamicShared);
+  SharedLayout layout;
+  layout.end = smem;
   BlockBarrier sync, block_end;
   std::mutex error_mu;
   std::exception_ptr error;
@@ -297,14 +319,12 @@ void launch_shared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     BlockContext ctx;
     ctx.barrier = &sync;
     ctx.shared = shared.data();
-    ctx.shared_bytes = shared.size();
-    ctx.dynamic_bytes = smem;
+    ctx.layout = &layout;
     block_context = &ctx;
     int64_t items = 0, max_items = 0;
     try {
       for (int64_t bi = 0; bi < n_blocks; ++bi) {
         blockIdx = unflatten(bi, grid);
-        ctx.static_cursor = 0;
         if (t == 0) start_block();
         block_end.arrive_and_wait();  // the block starts for everyone after its setup
         try {
@@ -336,7 +356,14 @@ void launch_shared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   block_end.reset(n_threads);
   std::vector<std::thread> threads;
   threads.reserve(n_threads);
-  for (int t = 0; t < n_threads; ++t) threads.emplace_back(body, t);
+  try {
+    for (int t = 0; t < n_threads; ++t) threads.emplace_back(body, t);
+  } catch (...) {  // (no thread to be had: those started give up, then the error goes up)
+    sync.break_all();
+    block_end.break_all();
+    for (auto& th : threads) th.join();
+    throw;
+  }
   for (auto& th : threads) th.join();
   if (error) std::rethrow_exception(error);
 }

@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -46,9 +48,10 @@ std::vector<int64_t> launch_stats(bool reset) {
 // Each of `active` threads of a block sums x[i] over its grid-stride share, the block
 // adds those up by a tree in shared memory, and every active thread writes the block's
 // sum: out[b * active + t]. Threads from `active` on return at once. Reads of shared
-// memory before the barriers' writes would see NaN.
+// memory before the barriers' writes would see NaN. Thread fail_thread of the last block
+// throws after the first barrier (a test of the emulation: the launch must end, not hang).
 template <typename T>
-__global__ void block_sums_kernel(int64_t n, int active, const T* x, T* out) {
+__global__ void block_sums_kernel(int64_t n, int active, int fail_thread, const T* x, T* out) {
   HM_DYNAMIC_SHARED(T, partial);  // active entries
   HM_SHARED(T, total, 1);
   const int t = static_cast<int>(threadIdx.x);
@@ -60,6 +63,9 @@ __global__ void block_sums_kernel(int64_t n, int active, const T* x, T* out) {
   }
   partial[t] = acc;
   __syncthreads();
+  if (t == fail_thread && blockIdx.x == gridDim.x - 1) {
+    throw std::runtime_error("block_sums: thread " + std::to_string(t) + " fails");
+  }
   for (int s = active / 2; s > 0; s /= 2) {
     if (t < s) partial[t] += partial[t + s];
     __syncthreads();
@@ -70,7 +76,7 @@ __global__ void block_sums_kernel(int64_t n, int active, const T* x, T* out) {
 }
 
 at::Tensor block_sums(const at::Tensor& x_in, int64_t blocks, int64_t threads, int64_t active,
-                      bool shared) {
+                      bool shared, int64_t fail_thread) {
   TORCH_CHECK_VALUE(x_in.dim() == 1 && x_in.is_floating_point(), "block_sums: x must be 1-d float");
   TORCH_CHECK_VALUE(active >= 1 && (active & (active - 1)) == 0 && (threads < 1 || active <= threads),
                     "block_sums: active must be a power of two <= threads");
@@ -82,10 +88,12 @@ at::Tensor block_sums(const at::Tensor& x_in, int64_t blocks, int64_t threads, i
     const auto stream = cuda::current_stream();
     if (shared) {
       HM_LAUNCH_SHARED(grid, block, smem, stream, block_sums_kernel<scalar_t>)(
-          x.numel(), static_cast<int>(active), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+          x.numel(), static_cast<int>(active), static_cast<int>(fail_thread),
+          x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
     } else {
       HM_LAUNCH(grid, block, smem, stream, block_sums_kernel<scalar_t>)(
-          x.numel(), static_cast<int>(active), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+          x.numel(), static_cast<int>(active), static_cast<int>(fail_thread),
+          x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
     }
     HM_LAUNCH_CHECK();
   });
@@ -99,6 +107,7 @@ at::Tensor block_sums(const at::Tensor& x_in, int64_t blocks, int64_t threads, i
 TORCH_LIBRARY_FRAGMENT(hessmlp_emulated, m) {
   m.def("set_grid_cap(int cap) -> int", &hessmlp::emu::set_grid_cap);
   m.def("launch_stats(bool reset=False) -> int[]", &hessmlp::emu::launch_stats);
-  m.def("block_sums(Tensor x, int blocks, int threads, int active, bool shared) -> Tensor",
+  m.def("block_sums(Tensor x, int blocks, int threads, int active, bool shared, "
+        "int fail_thread=-1) -> Tensor",
         &hessmlp::emu::block_sums);
 }
