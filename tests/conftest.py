@@ -7,6 +7,11 @@ that calls hessmlp on the CPU then checks the CUDA code's results through the pu
 HESSMLP_TEST_GRID_CAP (default 3 there) caps the launchers' grids, so that every
 grid-stride loop goes round several times. Unset or 'native': hessmlp's own CPU kernels.
 A test module with NATIVE_BACKEND = True keeps the native kernels (it compares the two).
+
+The emulated build is loaded from HESSMLP_EMULATED_LIB (the path of the library, as
+.ci/cuda_emulated sets it: its AddressSanitizer build stays out of the package, where the
+README's test command would load it without the sanitizer's runtime), else from
+hessmlp._C_emulated built in place.
 """
 import contextlib
 import os
@@ -20,8 +25,25 @@ if BACKEND not in ("native", "emulated"):
 GRID_CAP = int(os.environ.get("HESSMLP_TEST_GRID_CAP", "3"))
 OPS = ("mlp_jet", "mlp_jet_backward", "stage_derivs")
 
-if BACKEND == "emulated":
-    import hessmlp._C_emulated  # noqa: F401  (an error here: build it, see .ci/cuda_emulated)
+
+
+def load_emulated() -> bool:
+    """Loads the emulated build (its ops: torch.ops.hessmlp_emulated); False where there is none."""
+    import hessmlp  # noqa: F401  (the schemas of hessmlp first)
+
+    path = os.environ.get("HESSMLP_EMULATED_LIB")
+    if path:
+        torch.ops.load_library(path)
+        return True
+    try:
+        import hessmlp._C_emulated  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if BACKEND == "emulated" and not load_emulated():
+    raise ImportError("HESSMLP_TEST_BACKEND=emulated needs the emulated build: bash .ci/cuda_emulated")
 
 
 @contextlib.contextmanager

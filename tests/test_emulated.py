@@ -19,13 +19,8 @@ from helpers import ACTIVATIONS, DTYPES, RTOL, assert_rel_close, func_jet, func_
 
 NATIVE_BACKEND = True  # (conftest: this module compares the emulated kernels with the native)
 
-try:
-    import hessmlp._C_emulated  # noqa: F401
-    AVAILABLE = True
-except ImportError:
-    if conftest.BACKEND == "emulated":
-        raise
-    AVAILABLE = False
+AVAILABLE = conftest.load_emulated()
+if not AVAILABLE:
     pytestmark = pytest.mark.skip(reason="the emulated CUDA build is absent: bash .ci/cuda_emulated")
 
 ACT = dict(ACTIVATIONS)

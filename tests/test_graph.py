@@ -1,0 +1,144 @@
+"""The graph form of networks (hessmlp/_graph.py) and its forward jets in plain PyTorch
+(hessmlp.reference.graph_jet, the rules of docs/design.md §9) against torch.func."""
+import pytest
+import torch
+from torch import nn
+
+from hessmlp import reference
+from hessmlp._graph import GraphBuilder, as_chain, evaluate, from_network
+from hessmlp._spec import network_of
+
+from graphs import BLOCKS, acts_of, random_graph
+from helpers import ACTIVATIONS, DTYPES, assert_rel_close, random_mlp
+
+MODES = ["full", "diag", "trace", None]
+SEEDS = range(40)
+f64 = torch.float64
+
+
+def func_derivatives(graph, x):
+    f = lambda xi: evaluate(graph, xi.unsqueeze(0))[0]  # noqa: E731
+    return (evaluate(graph, x), torch.func.vmap(torch.func.jacrev(f))(x),
+            torch.func.vmap(torch.func.hessian(f))(x))
+
+
+def check_all_modes(graph, x, dtype, tag):
+    value, jac, hess = func_derivatives(graph, x)
+    diag = hess.diagonal(dim1=-2, dim2=-1)
+    for mode in MODES:
+        v, j, h = reference.graph_jet(graph, x, mode or "none")
+        assert_rel_close(v, value, dtype, f"value {mode} {tag}")
+        assert_rel_close(j, jac, dtype, f"jacobian {mode} {tag}")
+        want = {"full": hess, "diag": diag, "trace": diag.sum(-1), None: None}[mode]
+        if want is None:
+            assert h is None
+        else:
+            assert_rel_close(h, want, dtype, f"{mode} {tag}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_graphs_against_torch_func(seed, dtype):
+    graph, _, used = random_graph(seed, dtype)
+    x = torch.randn(3, graph.d, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    check_all_modes(graph, x, dtype, f"seed={seed} blocks={used}")
+
+
+def test_random_graphs_cover_every_block_kind_and_activation():
+    blocks, kinds, acts = set(), set(), set()
+    for seed in SEEDS:
+        graph, _, used = random_graph(seed)
+        blocks.update(used)
+        for node in graph.nodes:
+            kinds.add(node.kind)
+            acts.update(a for a in node.acts)
+    assert blocks == set(BLOCKS)
+    assert kinds == {"input", "linear", "stage", "affine", "add", "concat", "select", "mul"}
+    assert acts >= {a for _, make in ACTIVATIONS for a in acts_of(make)}
+
+
+@pytest.mark.parametrize("name, make", ACTIVATIONS)
+def test_chain_as_graph(name, make):
+    """A chain is the special case of a graph: the same jets, and back to the same chain."""
+    model = random_mlp(3, [7, 5], 2, make, seed=1)
+    net = network_of(model)
+    graph = from_network(net, 3)
+    x = torch.randn(4, 3, dtype=f64)
+    for mode in ("full", "diag", "trace", "none"):
+        got = reference.graph_jet(graph, x, mode)
+        want = reference.jet_forward(x, net.weights, net.biases, net.stages, mode)
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    back = as_chain(graph)
+    assert back is not None
+    assert all(a is b for a, b in zip(back.weights, net.weights))
+    assert back.stages == [list(s) for s in net.stages]
+
+
+def test_a_graph_that_is_not_a_chain_has_no_chain_form():
+    g = GraphBuilder(2)
+    h = g.stage(g.linear(0, torch.randn(3, 2, dtype=f64)), acts_of(nn.Tanh))
+    g.add(h, g.stage(g.linear(h, torch.randn(3, 3, dtype=f64)), acts_of(nn.Tanh)))
+    assert as_chain(g.build()) is None
+
+
+def test_named_architectures():
+    """A few of the issue's architectures, built by hand: residual PINN, IGR-style skip
+    concatenation with positional encoding, Fourier features, a hard-constraint output."""
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=f64) / max(s[-1], 1) ** 0.5  # noqa: E731
+    tanh, softplus = acts_of(nn.Tanh), acts_of(lambda: nn.Softplus(beta=10.0))
+    sin = acts_of(lambda: __import__("hessmlp").Sine(1.0))
+
+    g = GraphBuilder(3)  # residual blocks
+    h = g.stage(g.linear(0, r(8, 3), r(8)), tanh)
+    for _ in range(2):
+        h = g.add(h, g.stage(g.linear(g.stage(g.linear(h, r(8, 8), r(8)), tanh), r(8, 8)), tanh))
+    g.linear(h, r(1, 8))
+    residual = g.build()
+
+    g = GraphBuilder(3)  # positional encoding cat([x, sin(2^k x), cos(2^k x)]), skip-concat
+    enc = [0]
+    for k in range(2):
+        enc.append(g.stage(g.affine(0, 2.0 ** k), sin))
+        enc.append(g.stage(g.affine(0, 2.0 ** k, torch.pi / 2), sin))
+    e = g.concat(*enc)
+    h = g.stage(g.linear(e, r(6, 15), r(6)), softplus)
+    h = g.stage(g.linear(g.concat(h, e), r(6, 21), r(6)), softplus)
+    g.linear(h, r(1, 6))
+    sdf = g.build()
+
+    g = GraphBuilder(2)  # Fourier features cat([sin(x B), cos(x B)]) with B a buffer
+    B = torch.randn(4, 2, generator=gen, dtype=f64)
+    xb = g.linear(0, B)
+    f = g.concat(g.stage(xb, sin), g.stage(g.affine(xb, 1.0, torch.pi / 2), sin))
+    g.linear(g.stage(g.linear(f, r(8, 8), r(8)), tanh), r(1, 8))
+    fourier = g.build()
+
+    g = GraphBuilder(2)  # u = x0 (1 - x0) net(x)
+    net = g.linear(g.stage(g.linear(0, r(8, 2), r(8)), tanh), r(1, 8), r(1))
+    x0 = g.select(0, [0])
+    g.mul(g.mul(x0, g.affine(x0, -1.0, 1.0)), net)
+    hard = g.build()
+
+    for name, graph in [("residual", residual), ("sdf", sdf), ("fourier", fourier), ("hard", hard)]:
+        x = torch.randn(5, graph.d, dtype=f64)
+        check_all_modes(graph, x, f64, name)
+
+
+def test_builder_checks_widths():
+    g = GraphBuilder(3)
+    with pytest.raises(ValueError, match="does not take 3 features"):
+        g.linear(0, torch.zeros(2, 4))
+    h = g.linear(0, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="one width"):
+        g.add(0, h)
+    with pytest.raises(ValueError, match="differ"):
+        g.mul(0, h)
+    with pytest.raises(ValueError, match="out of range"):
+        g.select(h, [2])
+    with pytest.raises(ValueError, match="per feature"):
+        g.affine(h, torch.zeros(3))
