@@ -100,7 +100,7 @@ def emulated_extension():
     python with libasan and libstdc++ in LD_PRELOAD, as .ci/cuda_emulated does)."""
     cxx, link = _cxx_flags()
     asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if _flag("HESSMLP_EMULATED_ASAN") else []
-    sources = ["csrc/ops.cpp", "csrc/jet_common.cpp", "csrc/jet_driver.cpp"] + _rel("csrc/emulated/*.cpp")
+    sources = _rel("csrc/*.cpp") + _rel("csrc/emulated/*.cpp")
     return CppExtension(
         "hessmlp._C_emulated",
         sources,

@@ -105,13 +105,17 @@ NetSpec check_inputs(const at::Tensor& x,
   return net;
 }
 
-std::vector<int64_t> hessian_shape(const NetSpec& net) {
-  switch (net.mode) {
-    case Mode::Full: return {net.batch, net.m(), net.d, net.d};
-    case Mode::Diag: return {net.batch, net.m(), net.d};
-    case Mode::Trace: return {net.batch, net.m()};
-    default: return {net.batch, net.m(), 0};
+std::vector<int64_t> hessian_shape(Mode mode, int64_t B, int64_t m, int64_t d) {
+  switch (mode) {
+    case Mode::Full: return {B, m, d, d};
+    case Mode::Diag: return {B, m, d};
+    case Mode::Trace: return {B, m};
+    default: return {B, m, 0};
   }
+}
+
+std::vector<int64_t> hessian_shape(const NetSpec& net) {
+  return hessian_shape(net.mode, net.batch, net.m(), net.d);
 }
 
 StageDesc make_stage(at::IntArrayRef act_codes, at::ArrayRef<double> act_params) {

@@ -52,6 +52,7 @@ NetSpec check_inputs(const at::Tensor& x,
 // follows the same rule): value (B, m), jacobian (B, m, d), and
 // hessian (B, m, d, d) | (B, m, d) | (B, m) | (B, m, 0) for full | diag | trace | none.
 std::vector<int64_t> hessian_shape(const NetSpec& net);
+std::vector<int64_t> hessian_shape(Mode mode, int64_t B, int64_t m, int64_t d);
 
 // The functions of the stage_derivs op as a kernel argument (checks the codes
 // and their number).

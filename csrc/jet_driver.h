@@ -77,6 +77,13 @@ struct Kernels {
                const at::Tensor& t, at::Tensor& packed);
   // packed [R, P] -> full symmetric [R, d, d].
   void (*unpack_packed)(int64_t d, const at::Tensor& packed, at::Tensor& hess);
+  // A product node of a graph (docs/design.md §9): out [B, C, n] = the jets of p * q, from
+  // p, q [B, C, n].
+  void (*product)(Mode mode, int64_t d, const at::Tensor& p, const at::Tensor& q, at::Tensor& out);
+  // Its adjoint: adds the adjoints of p's and q's jets to gp and gq [B, C, n] (which may be
+  // one tensor), given g, the adjoint of the product's.
+  void (*product_adjoint)(Mode mode, int64_t d, const at::Tensor& p, const at::Tensor& q,
+                          const at::Tensor& g, at::Tensor& gp, at::Tensor& gq);
   // Samples per block when the forward jet should go block by block through all the
   // layers (bytes_per_row: one sample's columns at the widest layer); null: whole batch.
   int64_t (*rows_per_block)(int64_t bytes_per_row);
@@ -118,8 +125,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
                               stage_sizes, act_codes, act_params, mode, state, output_mask);
 }
 
-// Declares a backend's elementwise passes (defined in its mlp_jet and
-// mlp_jet_backward files) and kernels(), the Kernels made of them.
+// Declares a backend's elementwise passes (defined in its mlp_jet, mlp_jet_backward and
+// graph files) and kernels(), the Kernels made of them.
 #define HESSMLP_DECLARE_KERNELS()                                                              \
   void stage_forward(const StageArgs& a, at::Tensor& out, at::Tensor& s1, at::Tensor& s2);     \
   void unpack(Mode mode, int64_t d, const at::Tensor& cols, at::Tensor& value, at::Tensor& jac, \
@@ -127,12 +134,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
   void gram(Mode mode, at::Tensor& g, const at::Tensor& s1, const at::Tensor& s2,               \
             const at::Tensor& t, at::Tensor& packed);                                          \
   void unpack_packed(int64_t d, const at::Tensor& packed, at::Tensor& hess);                   \
+  void product(Mode mode, int64_t d, const at::Tensor& p, const at::Tensor& q, at::Tensor& out); \
+  void product_adjoint(Mode mode, int64_t d, const at::Tensor& p, const at::Tensor& q,          \
+                       const at::Tensor& g, at::Tensor& gp, at::Tensor& gq);                   \
   void stage_adjoint(const StageArgs& a, at::Tensor& g);                                       \
   void pack_adjoint(Mode mode, int64_t d, const at::Tensor& value, const at::Tensor& jac,      \
                     const at::Tensor& hess, at::Tensor& g);                                    \
   inline const Kernels& kernels() {                                                            \
-    static const Kernels k{&stage_forward, &stage_adjoint, &unpack, &pack_adjoint, &gram,      \
-                           &unpack_packed, HESSMLP_ROWS_PER_BLOCK};                            \
+    static const Kernels k{&stage_forward, &stage_adjoint, &unpack,  &pack_adjoint,            \
+                           &gram,          &unpack_packed, &product, &product_adjoint,         \
+                           HESSMLP_ROWS_PER_BLOCK};                                            \
     return k;                                                                                  \
   }
 

@@ -211,6 +211,126 @@ HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In
   g[0] = zb;
 }
 
+// One feature of a product node w = p * q (docs/design.md §9): p, q and out hold the
+// 1 + d + P entries of the two inputs' and the output's jets, `stride` apart:
+//   v = v_p v_q,  T = v_q T_p + v_p T_q,  S = v_q S_p + v_p S_q + Psi(T_p, T_q)
+// with Psi the pair (a, c) term T_p,a T_q,c + T_p,c T_q,a (full), 2 T_p,a T_q,a (diag),
+// 2 <T_p, T_q> (trace).
+template <typename T, typename In, typename Out>
+HM_HD void jet_product_neuron(Mode mode, int64_t d, In p, In q, int64_t stride, Out out) {
+  const T vp = p[0], vq = q[0];
+  out[0] = vp * vq;
+  for (int64_t j = 0; j < d; ++j) {
+    const T pj = p[(1 + j) * stride], qj = q[(1 + j) * stride];
+    out[(1 + j) * stride] = vq * pj + vp * qj;
+  }
+  const int64_t t0 = stride, v0 = (1 + d) * stride;
+  switch (mode) {
+    case Mode::Full: {
+      int64_t k = 0;
+      for (int64_t a = 0; a < d; ++a) {
+        const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
+        for (int64_t c = a; c < d; ++c, ++k) {
+          const T pc = p[t0 + c * stride], qc = q[t0 + c * stride];
+          const T sp = p[v0 + k * stride], sq = q[v0 + k * stride];
+          out[v0 + k * stride] = vq * sp + vp * sq + pa * qc + pc * qa;
+        }
+      }
+      break;
+    }
+    case Mode::Diag:
+      for (int64_t a = 0; a < d; ++a) {
+        const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
+        const T sp = p[v0 + a * stride], sq = q[v0 + a * stride];
+        out[v0 + a * stride] = vq * sp + vp * sq + T(2) * pa * qa;
+      }
+      break;
+    case Mode::Trace: {
+      T acc = T(0);
+      for (int64_t a = 0; a < d; ++a) {
+        const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
+        acc = acc + pa * qa;
+      }
+      const T sp = p[v0], sq = q[v0];
+      out[v0] = vq * sp + vp * sq + T(2) * acc;
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Adjoint of jet_product_neuron: g holds the adjoint of the output's jet; the adjoints
+// of the inputs' jets are added to gp and gq (which may be the same place: w = h * h).
+template <typename T, typename In, typename Out>
+HM_HD void jet_product_adjoint_neuron(Mode mode, int64_t d, In p, In q, In g, int64_t stride, Out gp,
+                                      Out gq) {
+  const T vp = p[0], vq = q[0], gv = g[0];
+  T gvp = vq * gv, gvq = vp * gv;
+  const int64_t t0 = stride, v0 = (1 + d) * stride;
+  for (int64_t j = 0; j < d; ++j) {
+    const T gt = g[t0 + j * stride];
+    const T pj = p[t0 + j * stride], qj = q[t0 + j * stride];
+    gvp = gvp + gt * qj;
+    gvq = gvq + gt * pj;
+    const T a0 = gp[t0 + j * stride];
+    gp[t0 + j * stride] = a0 + vq * gt;
+    const T b0 = gq[t0 + j * stride];
+    gq[t0 + j * stride] = b0 + vp * gt;
+  }
+  // The second-order rows: their S parts, and Psi's adjoint on the first-order rows.
+  const int64_t P = n_pairs(mode, d);
+  for (int64_t k = 0; k < P; ++k) {
+    const T gs = g[v0 + k * stride];
+    const T sp = p[v0 + k * stride], sq = q[v0 + k * stride];
+    gvp = gvp + gs * sq;
+    gvq = gvq + gs * sp;
+    const T a0 = gp[v0 + k * stride];
+    gp[v0 + k * stride] = a0 + vq * gs;
+    const T b0 = gq[v0 + k * stride];
+    gq[v0 + k * stride] = b0 + vp * gs;
+  }
+  switch (mode) {
+    case Mode::Full: {
+      int64_t k = 0;
+      for (int64_t a = 0; a < d; ++a) {
+        for (int64_t c = a; c < d; ++c, ++k) {
+          const T gs = g[v0 + k * stride];
+          const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
+          const T pc = p[t0 + c * stride], qc = q[t0 + c * stride];
+          // d/dT_p,a (pa qc + pc qa) = qc, d/dT_p,c = qa; likewise for q.
+          T u = gp[t0 + a * stride];
+          gp[t0 + a * stride] = u + gs * qc;
+          u = gp[t0 + c * stride];
+          gp[t0 + c * stride] = u + gs * qa;
+          u = gq[t0 + c * stride];
+          gq[t0 + c * stride] = u + gs * pa;
+          u = gq[t0 + a * stride];
+          gq[t0 + a * stride] = u + gs * pc;
+        }
+      }
+      break;
+    }
+    case Mode::Diag:
+    case Mode::Trace:
+      for (int64_t a = 0; a < d; ++a) {
+        const T gs = g[v0 + (mode == Mode::Diag ? a : 0) * stride];
+        const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
+        T u = gp[t0 + a * stride];
+        gp[t0 + a * stride] = u + T(2) * gs * qa;
+        u = gq[t0 + a * stride];
+        gq[t0 + a * stride] = u + T(2) * gs * pa;
+      }
+      break;
+    default:
+      break;
+  }
+  const T a0 = gp[0];
+  gp[0] = a0 + gvp;
+  const T b0 = gq[0];
+  gq[0] = b0 + gvq;
+}
+
 // The last layer's columns of one sample and one output k, `stride` (= m)
 // apart, into value, jacobian [d] and the hessian in the mode's shape for that
 // k ([d, d] | [d] | [1]; null for mode none).

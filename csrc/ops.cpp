@@ -50,6 +50,21 @@ HESSMLP_TORCH_LIBRARY(HESSMLP_LIBRARY, m) {
       "float[] act_params, str mode, Tensor[] state, bool[3] output_mask) "
       "-> (Tensor, Tensor[], Tensor[])");
 
+  // Value, Jacobian and second-order part of a graph network at x (docs/design.md §9;
+  // hessmlp/_graph.py): forward jets node by node.
+  //   x        [B, d]
+  //   tensors  the weights, biases, affine scales and shifts the nodes refer to
+  //   kinds    each node's kind: input (node 0), linear, stage, affine, add, concat,
+  //            select, mul
+  //   program  per node: width, n_inputs, inputs..., n_refs, refs..., n_extra, extra...
+  //            (see csrc/graph.h)
+  //   consts   the stages' parameters and the affine nodes' constant scale and shift
+  //   mode     'full' | 'diag' | 'trace' | 'none'
+  // returns value [B, m], jacobian [B, m, d], hessian as mlp_jet's.
+  m.def(
+      "graph_jet(Tensor x, Tensor[] tensors, str[] kinds, int[] program, float[] consts, str mode) "
+      "-> (Tensor, Tensor, Tensor)");
+
   // One stage of elementwise functions and its first three derivatives at z,
   // exactly as the jet kernels evaluate them (for tests of the shared math).
   //   z [*], act_codes [k], act_params [2k]  ->  [4, *]: s, s1, s2, s3

@@ -22,9 +22,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._spec import Act, Network
+from ._spec import ACT_CODES, Act, Network
 
-__all__ = ["KINDS", "Node", "Graph", "GraphBuilder", "evaluate", "from_network", "as_chain"]
+__all__ = ["KINDS", "Node", "Graph", "GraphBuilder", "evaluate", "from_network", "as_chain",
+           "op_arguments", "graph_jet"]
 
 KINDS = ("input", "linear", "stage", "affine", "add", "concat", "select", "mul")
 
@@ -228,3 +229,31 @@ def as_chain(graph: Graph) -> Optional[Network]:
     if not weights:
         return None
     return Network(weights, biases, stages, where)
+
+
+def op_arguments(graph: Graph):
+    """The graph as the op graph_jet takes it (csrc/graph.h): kinds, program, consts."""
+    kinds: List[str] = []
+    program: List[int] = []
+    consts: List[float] = []
+    for node in graph.nodes:
+        extra: Tuple[int, ...] = ()
+        if node.kind == "stage":
+            extra = tuple(ACT_CODES[a.name] for a in node.acts)
+            consts += [float(p) for a in node.acts for p in (a.p0, a.p1)]
+        elif node.kind == "affine":
+            consts += [float(c) for c in node.consts]
+        elif node.kind == "select":
+            extra = node.index
+        kinds.append(node.kind)
+        program += [node.width, len(node.inputs), *node.inputs, len(node.tensors), *node.tensors,
+                    len(extra), *extra]
+    return kinds, program, consts
+
+
+def graph_jet(graph: Graph, x: torch.Tensor, mode: str = "full"):
+    """value (B, m), jacobian (B, m, d) and the mode's second-order part of the graph at x
+    (B, d) by the op graph_jet ('none': an empty (B, m, 0) tensor)."""
+    from . import _ops  # noqa: F401  (the library and its fake kernels)
+
+    return torch.ops.hessmlp.graph_jet(x, graph.tensors, *op_arguments(graph), mode)

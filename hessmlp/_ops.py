@@ -58,6 +58,28 @@ def _mlp_jet_backward_fake(grad_value, grad_jacobian, grad_hessian, x, weights, 
     return grad_x, grad_w, grad_b
 
 
+def _graph_output_width(program):
+    """The last node's width in graph_jet's program (csrc/graph.h: per node width, then three
+    lists each led by its length)."""
+    pos, width = 0, 0
+    while pos < len(program):
+        width = program[pos]
+        pos += 1
+        for _ in range(3):
+            pos += 1 + program[pos]
+    return width
+
+
+@torch.library.register_fake("hessmlp::graph_jet")
+def _graph_jet_fake(x, tensors, kinds, program, consts, mode):
+    _check_devices(x, (("tensors", tensors),))
+    torch._check(x.dim() == 2, lambda: f"hessmlp: x must have shape [B, d], got {tuple(x.shape)}")
+    B, d = x.shape
+    m = _graph_output_width(program)
+    return (x.new_empty((B, m)), x.new_empty((B, m, d)),
+            x.new_empty(_cost.hessian_shape(mode, B, m, d)))
+
+
 @torch.library.register_fake("hessmlp::stage_derivs")
 def _stage_derivs_fake(z, act_codes, act_params):
     return z.new_empty((4, *z.shape))
@@ -152,6 +174,12 @@ def _refuse_double_backward(ctx, *grads):
         "parameters are exact; a second derivative of them is not available.")
 
 
+def _refuse_graph_jet_backward(ctx, *grads):
+    raise NotImplementedError(
+        "hessmlp: gradients through graph_jet (graph networks) are not implemented yet; "
+        "compute it under torch.no_grad() or with inputs that do not require grad")
+
+
 def _refuse_stage_derivs_backward(ctx, *grads):
     raise RuntimeError(
         "hessmlp: stage_derivs is a test hook for the per-element math and has no backward; "
@@ -162,3 +190,4 @@ torch.library.register_autograd("hessmlp::mlp_jet", _mlp_jet_backward,
                                 setup_context=_mlp_jet_setup_context)
 torch.library.register_autograd("hessmlp::mlp_jet_backward", _refuse_double_backward)
 torch.library.register_autograd("hessmlp::stage_derivs", _refuse_stage_derivs_backward)
+torch.library.register_autograd("hessmlp::graph_jet", _refuse_graph_jet_backward)

@@ -303,3 +303,20 @@ def test_invalid_launch_configurations_are_reported(blocks, threads):
         emulated().block_sums(torch.randn(10, dtype=f64), blocks, threads, 1, True)
     # The launch check clears the error, as cudaGetLastError does.
     emulated().block_sums(torch.randn(10, dtype=f64), 1, 32, 1, True)
+
+
+@pytest.mark.parametrize("cap", [0, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_graph_jet_against_cpu_kernels(dtype, cap):
+    """graph_jet (products: csrc/cuda/graph.cu) on random graphs, with a full and a capped grid."""
+    from graphs import random_graph
+    from hessmlp._graph import op_arguments
+
+    emulated().set_grid_cap(cap)
+    for seed in range(12):
+        graph, _, used = random_graph(seed, dtype)
+        x = non_contiguous(torch.randn(9, graph.d, dtype=dtype))
+        args = (x, graph.tensors, *op_arguments(graph))
+        for mode in MODES:
+            check_same(emulated().graph_jet(*args, mode), native().graph_jet(*args, mode), dtype,
+                       f"seed={seed} {mode} blocks={used}")

@@ -142,3 +142,107 @@ def test_builder_checks_widths():
         g.select(h, [2])
     with pytest.raises(ValueError, match="per feature"):
         g.affine(h, torch.zeros(3))
+
+
+# ---- the op graph_jet -------------------------------------------------------------------------
+
+def check_op(graph, x, dtype, tag):
+    """graph_jet in every mode against torch.func, and against reference.graph_jet."""
+    from hessmlp._graph import graph_jet
+
+    value, jac, hess = func_derivatives(graph, x)
+    diag = hess.diagonal(dim1=-2, dim2=-1)
+    for mode in MODES:
+        name = mode or "none"
+        v, j, h = graph_jet(graph, x, name)
+        assert_rel_close(v, value, dtype, f"value {name} {tag}")
+        assert_rel_close(j, jac, dtype, f"jacobian {name} {tag}")
+        want = {"full": hess, "diag": diag, "trace": diag.sum(-1), None: None}[mode]
+        if want is None:
+            assert h.shape == (x.shape[0], graph.m, 0)
+        else:
+            assert_rel_close(h, want, dtype, f"{name} {tag}")
+            assert_rel_close(h, reference.graph_jet(graph, x, name)[2], dtype, f"{name} vs reference {tag}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_op_on_random_graphs(seed, dtype):
+    graph, _, used = random_graph(seed, dtype)
+    B = [1, 2, 5, 17][seed % 4]
+    x = torch.randn(B, graph.d, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    check_op(graph, x, dtype, f"seed={seed} blocks={used}")
+
+
+def test_op_on_a_chain_matches_mlp_jet():
+    model = random_mlp(4, [9, 6], 2, nn.SiLU, seed=3, final_act=True)
+    net = network_of(model)
+    graph = from_network(net, 4)
+    x = torch.randn(7, 4, dtype=f64)
+    from hessmlp._graph import graph_jet
+    for mode in ("full", "diag", "trace", "none"):
+        got = graph_jet(graph, x, mode)
+        want = torch.ops.hessmlp.mlp_jet(x, net.weights, net.biases, net.stage_sizes, net.act_codes,
+                                         net.act_params, mode, "forward")[:3]
+        for a, b in zip(got, want):
+            assert_rel_close(a, b, f64, mode)
+
+
+def test_op_empty_batch_and_non_contiguous_x():
+    from hessmlp._graph import graph_jet
+    graph, _, _ = random_graph(7)
+    v, j, h = graph_jet(graph, torch.zeros(0, graph.d, dtype=f64), "full")
+    assert v.shape == (0, graph.m) and j.shape == (0, graph.m, graph.d) and h.shape == (0, graph.m, graph.d, graph.d)
+    wide = torch.randn(6, 2 * graph.d, dtype=f64)
+    check_op(graph, wide[:, ::2], f64, "non-contiguous x")
+
+
+def test_op_refuses_gradients_clearly():
+    from hessmlp._graph import graph_jet
+    graph, params, _ = random_graph(3, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="not implemented yet"):
+        graph_jet(graph, torch.randn(2, graph.d, dtype=f64), "full")[2].sum().backward()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda k, p, c: (["linear"] + k[1:], p, c), "first node must be the input"),
+    (lambda k, p, c: (k, p + [1], c), "program entries after the last node"),
+    (lambda k, p, c: (k, p[:-2], c), "program ends inside node"),
+    (lambda k, p, c: (k[:1] + ["conv"] + k[2:], p, c), "not a node kind"),
+    (lambda k, p, c: (k, p, c + [1.0]), "consts after the last node"),
+])
+def test_op_refuses_bad_programs(change, match):
+    from hessmlp._graph import op_arguments
+    g = GraphBuilder(2)
+    h = g.stage(g.linear(0, torch.randn(3, 2, dtype=f64)), acts_of(nn.Tanh))
+    g.mul(h, g.affine(h, 2.0))
+    graph = g.build()
+    kinds, program, consts = change(*op_arguments(graph))
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        torch.ops.hessmlp.graph_jet(torch.randn(2, 2, dtype=f64), graph.tensors, kinds, program, consts, "full")
+
+
+def test_op_refuses_wrong_shapes():
+    from hessmlp._graph import op_arguments
+    g = GraphBuilder(2)
+    g.linear(0, torch.randn(3, 2, dtype=f64))
+    graph = g.build()
+    kinds, program, consts = op_arguments(graph)
+    with pytest.raises(ValueError, match=r"weight \[3, 2\] should be \[3, 5\]"):
+        torch.ops.hessmlp.graph_jet(torch.randn(2, 5, dtype=f64), graph.tensors, kinds,
+                                    [5, 0, 0, 0] + program[4:], consts, "full")
+    with pytest.raises(TypeError, match="is Float but x is Double"):
+        torch.ops.hessmlp.graph_jet(torch.randn(2, 2, dtype=f64), [graph.tensors[0].float()], kinds,
+                                    program, consts, "full")
+
+
+@pytest.mark.parametrize("mode", ["full", "diag", "trace", "none"])
+def test_opcheck_graph_jet(mode):
+    """Schema, fake kernel against the real one, autograd registration (the backward refuses
+    until it exists, so aot dispatch is not checked)."""
+    from hessmlp._graph import op_arguments
+    graph, _, _ = random_graph(11)
+    x = torch.randn(3, graph.d, dtype=f64)
+    torch.library.opcheck(torch.ops.hessmlp.graph_jet.default,
+                          (x, graph.tensors, *op_arguments(graph), mode),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

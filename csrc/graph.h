@@ -1,0 +1,62 @@
+// Graph networks (docs/design.md §9): the op graph_jet's program, its checks, and its
+// algorithm once for every backend, with the elementwise passes of a Kernels table.
+#pragma once
+
+#include "jet_driver.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace hessmlp {
+
+// The node kinds of hessmlp/_graph.py, by name in the op's arguments.
+enum class NodeKind { Input, Linear, Stage, Affine, Add, Concat, Select, Mul };
+
+struct GraphNode {
+  NodeKind kind = NodeKind::Input;
+  std::string name;              // its kind, for messages
+  int64_t width = 0;
+  std::vector<int64_t> inputs;   // earlier nodes
+  std::vector<int64_t> refs;     // indices into tensors, -1: none
+  std::vector<int64_t> extra;    // select: the indices
+  StageDesc stage;               // stage
+  double consts[2] = {0.0, 0.0};  // affine: scale, shift where refs are -1
+};
+
+struct GraphSpec {
+  int64_t batch = 0, d = 0;
+  Mode mode = Mode::None;
+  std::vector<GraphNode> nodes;  // nodes[0] the input; the output is the last
+
+  int64_t m() const { return nodes.back().width; }
+  int64_t cols() const { return 1 + d + n_pairs(mode, d); }
+};
+
+// The op's program, checked against x and the tensors (names the node and what is wrong).
+//   kinds[i]   node i's kind: input (i = 0 only), linear, stage, affine, add, concat, select, mul
+//   program    per node: width, n_inputs, inputs..., n_refs, refs..., n_extra, extra...
+//              (linear: refs W, b | -1; affine: refs scale | -1, shift | -1; stage: extra =
+//              activation codes; select: extra = the indices)
+//   consts     in node order: a stage's two parameters per function, an affine node's
+//              scale and shift
+GraphSpec check_graph(const at::Tensor& x, at::TensorList tensors,
+                      const std::vector<std::string>& kinds, at::IntArrayRef program,
+                      at::ArrayRef<double> consts, c10::string_view mode);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
+    const Kernels& k, const at::Tensor& x, at::TensorList tensors,
+    const std::vector<std::string>& kinds, at::IntArrayRef program, at::ArrayRef<double> consts,
+    c10::string_view mode);
+
+// A backend's registration: graph_jet_op<&backend::kernels>.
+template <const Kernels& (*K)()>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_op(
+    const at::Tensor& x, at::TensorList tensors, std::vector<std::string> kinds,
+    at::IntArrayRef program, at::ArrayRef<double> consts, c10::string_view mode) {
+  return graph_jet_run(K(), x, tensors, kinds, program, consts, mode);
+}
+
+}  // namespace hessmlp
