@@ -173,28 +173,27 @@ GraphSpec check_graph(const at::Tensor& x, at::TensorList tensors,
   return spec;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
-    const Kernels& k, const at::Tensor& x_in, at::TensorList tensors,
-    const std::vector<std::string>& kinds, at::IntArrayRef program, at::ArrayRef<double> consts,
-    c10::string_view mode_name) {
-  const GraphSpec spec = check_graph(x_in, tensors, kinds, program, consts, mode_name);
-  const c10::DeviceGuard guard(x_in.device());
-  // (hessmlp computes in the dtype of x and the tensors: see mlp_jet_run.)
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const at::Tensor x = x_in.contiguous();
-  const Mode mode = spec.mode;
-  const int64_t B = spec.batch, d = spec.d, m = spec.m(), C = spec.cols();
-  const at::TensorOptions opt = x.options();
-  at::Tensor value = at::empty({B, m}, opt), jac = at::empty({B, m, d}, opt);
-  at::Tensor hess = at::empty(hessian_shape(mode, B, m, d), opt);
-  if (B == 0) return {value, jac, hess};
+namespace {
 
+// An affine node's scale as a factor of its columns [B, C, n].
+at::Tensor affine_scale(const GraphNode& node, at::TensorList tensors, const at::TensorOptions& opt) {
+  return node.refs[0] >= 0 ? tensors[node.refs[0]].reshape({1, 1, -1})
+                           : at::scalar_tensor(node.consts[0], opt);
+}
+
+// Every node's jets, [B, C, width] each, contiguous (B > 0). keep_all: all of them (the
+// backward's), else each goes once its last consumer has run (only the output is left).
+std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec, const at::Tensor& x,
+                                        at::TensorList tensors, bool keep_all) {
+  const Mode mode = spec.mode;
+  const int64_t B = spec.batch, d = spec.d, C = spec.cols();
+  const at::TensorOptions opt = x.options();
   const int64_t n_nodes = static_cast<int64_t>(spec.nodes.size());
   std::vector<int64_t> last_use(n_nodes, n_nodes - 1);
   for (int64_t i = 0; i < n_nodes; ++i) {
     for (int64_t in : spec.nodes[i].inputs) last_use[in] = i;
   }
-  std::vector<at::Tensor> cols(n_nodes);  // [B, C, width], contiguous
+  std::vector<at::Tensor> cols(n_nodes);
   // The input: value x, T the identity, S = 0.
   cols[0] = at::zeros({B, C, d}, opt);
   cols[0].select(1, 0).copy_(x);
@@ -220,9 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
         break;
       }
       case NodeKind::Affine: {
-        const at::Tensor scale = node.refs[0] >= 0 ? tensors[node.refs[0]].reshape({1, 1, -1})
-                                                   : at::scalar_tensor(node.consts[0], opt);
-        out = in * scale;
+        out = in * affine_scale(node, tensors, opt);
         if (node.refs[1] >= 0) {
           out.select(1, 0).add_(tensors[node.refs[1]].reshape({1, -1}));
         } else if (node.consts[1] != 0.0) {
@@ -251,12 +248,166 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
         break;
     }
     cols[i] = out;
+    if (keep_all) continue;
     for (int64_t j : node.inputs) {
       if (last_use[j] == i) cols[j] = at::Tensor();  // (its memory goes back)
     }
   }
-  k.unpack(mode, d, cols.back(), value, jac, hess);
+  return cols;
+}
+
+// The hessmlp setup of every graph op call: device guard, no autocast inside.
+struct Scope {
+  c10::DeviceGuard guard;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+  explicit Scope(const at::Tensor& x) : guard(x.device()) {}
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
+    const Kernels& k, const at::Tensor& x_in, at::TensorList tensors,
+    const std::vector<std::string>& kinds, at::IntArrayRef program, at::ArrayRef<double> consts,
+    c10::string_view mode_name) {
+  const GraphSpec spec = check_graph(x_in, tensors, kinds, program, consts, mode_name);
+  // (hessmlp computes in the dtype of x and the tensors: see mlp_jet_run.)
+  const Scope scope(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = spec.batch, d = spec.d, m = spec.m();
+  const at::TensorOptions opt = x.options();
+  at::Tensor value = at::empty({B, m}, opt), jac = at::empty({B, m, d}, opt);
+  at::Tensor hess = at::empty(hessian_shape(spec.mode, B, m, d), opt);
+  if (B == 0) return {value, jac, hess};
+  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, tensors, false);
+  k.unpack(spec.mode, d, cols.back(), value, jac, hess);
   return {value, jac, hess};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> graph_jet_backward_run(
+    const Kernels& k, const std::optional<at::Tensor>& grad_value,
+    const std::optional<at::Tensor>& grad_jacobian, const std::optional<at::Tensor>& grad_hessian,
+    const at::Tensor& x_in, at::TensorList tensors, const std::vector<std::string>& kinds,
+    at::IntArrayRef program, at::ArrayRef<double> consts, c10::string_view mode_name,
+    const std::vector<bool>& needs) {
+  const GraphSpec spec = check_graph(x_in, tensors, kinds, program, consts, mode_name);
+  const int64_t n_tensors = static_cast<int64_t>(tensors.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(needs.size()) == 1 + n_tensors,
+                    "hessmlp: graph_jet_backward: needs must have 1 + len(tensors) = ", 1 + n_tensors,
+                    " entries, got ", needs.size());
+  const Mode mode = spec.mode;
+  const int64_t B = spec.batch, d = spec.d, m = spec.m(), C = spec.cols();
+  auto grad = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name) {
+    if (!g.has_value() || !g->defined()) return at::Tensor();
+    TORCH_CHECK_VALUE(g->sizes() == shape, "hessmlp: graph_jet_backward: ", name, " has shape ",
+                      g->sizes(), ", expected ", shape);
+    TORCH_CHECK_TYPE(g->scalar_type() == x_in.scalar_type() && g->device() == x_in.device(),
+                     "hessmlp: graph_jet_backward: ", name, " must be ", x_in.scalar_type(), " on ",
+                     x_in.device());
+    return g->contiguous();
+  };
+  const at::Tensor gv = grad(grad_value, {B, m}, "grad_value");
+  const at::Tensor gj = grad(grad_jacobian, {B, m, d}, "grad_jacobian");
+  const at::Tensor gh =
+      mode == Mode::None ? at::Tensor() : grad(grad_hessian, hessian_shape(mode, B, m, d), "grad_hessian");
+  const Scope scope(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::TensorOptions opt = x.options();
+  at::Tensor grad_x = needs[0] ? at::zeros({B, d}, opt) : at::empty({0}, opt);
+  std::vector<at::Tensor> grad_t;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    grad_t.push_back(needs[1 + t] ? at::zeros_like(tensors[t], at::MemoryFormat::Contiguous)
+                                  : at::empty({0}, opt));
+  }
+  if (B == 0 || (!gv.defined() && !gj.defined() && !gh.defined())) return {grad_x, grad_t};
+  auto need = [&](int64_t ref) { return ref >= 0 && needs[1 + ref]; };
+
+  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, tensors, true);
+  const int64_t n_nodes = static_cast<int64_t>(spec.nodes.size());
+  // adj[i]: the adjoint of node i's jets [B, C, width], summed over its consumers; a tensor
+  // of its own (the adjoints are changed in place), undefined while zero.
+  std::vector<at::Tensor> adj(n_nodes);
+  auto send = [&](int64_t j, const at::Tensor& t, bool owned) {
+    if (!adj[j].defined()) {
+      adj[j] = owned ? t : t.clone(at::MemoryFormat::Contiguous);
+    } else {
+      adj[j].add_(t);
+    }
+  };
+  auto zeros_at = [&](int64_t j) -> at::Tensor& {
+    if (!adj[j].defined()) adj[j] = at::zeros({B, C, spec.nodes[j].width}, opt);
+    return adj[j];
+  };
+  adj[n_nodes - 1] = at::empty({B, C, m}, opt);
+  k.pack_adjoint(mode, d, gv, gj, gh, adj[n_nodes - 1]);
+  const at::Tensor none;
+  for (int64_t i = n_nodes - 1; i >= 1; --i) {
+    if (!adj[i].defined()) continue;  // (no path from here to the outputs)
+    at::Tensor g = std::move(adj[i]);
+    adj[i] = at::Tensor();
+    const GraphNode& node = spec.nodes[i];
+    const int64_t n = node.width, h = node.inputs[0];
+    const at::Tensor& in = cols[h];
+    switch (node.kind) {
+      case NodeKind::Linear: {
+        const at::Tensor& W = tensors[node.refs[0]];
+        const at::Tensor g2 = g.view({B * C, n});
+        if (need(node.refs[0])) grad_t[node.refs[0]].addmm_(g2.t(), in.view({B * C, in.size(2)}));
+        if (need(node.refs[1])) grad_t[node.refs[1]].add_(g.select(1, 0).sum(0));
+        send(h, at::mm(g2, W).view({B, C, in.size(2)}), true);
+        break;
+      }
+      case NodeKind::Stage:
+        k.stage_adjoint(StageArgs{mode, B, n, d, in, none, none, false, node.stage, nullptr}, g);
+        send(h, g, true);
+        break;
+      case NodeKind::Affine: {
+        for (int part = 0; part < 2; ++part) {
+          const int64_t r = node.refs[part];
+          if (!need(r)) continue;
+          // d/da: all the columns (v, T, S scale); d/dc: the value row only.
+          const at::Tensor per_feature = part == 0 ? (g * in).sum({0, 1}) : g.select(1, 0).sum(0);
+          grad_t[r].add_(tensors[r].numel() == 1 ? per_feature.sum().reshape(tensors[r].sizes())
+                                                 : per_feature.reshape(tensors[r].sizes()));
+        }
+        send(h, g.mul_(affine_scale(node, tensors, opt)), true);
+        break;
+      }
+      case NodeKind::Add:
+        for (size_t j = 0; j < node.inputs.size(); ++j) {
+          // (The last input may take g itself: no other reads it.)
+          send(node.inputs[j], g, j + 1 == node.inputs.size() && !adj[node.inputs[j]].defined() &&
+                                      std::count(node.inputs.begin(), node.inputs.end(), node.inputs[j]) == 1);
+        }
+        break;
+      case NodeKind::Concat: {
+        int64_t off = 0;
+        for (int64_t j : node.inputs) {
+          const int64_t w = spec.nodes[j].width;
+          send(j, g.narrow(2, off, w), false);
+          off += w;
+        }
+        break;
+      }
+      case NodeKind::Select: {
+        at::Tensor back = at::zeros({B, C, in.size(2)}, opt);
+        back.index_add_(2, at::tensor(node.extra, opt.dtype(at::kLong)), g);
+        send(h, back, true);
+        break;
+      }
+      case NodeKind::Mul: {
+        const int64_t q = node.inputs[1];
+        at::Tensor& gp = zeros_at(h);
+        at::Tensor& gq = zeros_at(q);
+        k.product_adjoint(mode, d, in, cols[q], g, gp, gq);
+        break;
+      }
+      case NodeKind::Input:
+        break;
+    }
+  }
+  // The input's jets are (x, I, 0): only the value depends on x.
+  if (needs[0] && adj[0].defined()) grad_x.copy_(adj[0].select(1, 0));
+  return {grad_x, grad_t};
 }
 
 }  // namespace hessmlp

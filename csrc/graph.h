@@ -4,7 +4,10 @@
 
 #include "jet_driver.h"
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+
+#include <optional>
 
 #include <string>
 #include <tuple>
@@ -51,12 +54,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
     const std::vector<std::string>& kinds, at::IntArrayRef program, at::ArrayRef<double> consts,
     c10::string_view mode);
 
-// A backend's registration: graph_jet_op<&backend::kernels>.
+// The adjoint of graph_jet (docs/design.md §9): gradients of a loss w.r.t. x and every
+// tensor, given its gradients w.r.t. graph_jet's value, jacobian and hessian (None: zero).
+// needs: [x, tensors...]; an entry not needed is an empty tensor [0]. The forward jets
+// are recomputed.
+std::tuple<at::Tensor, std::vector<at::Tensor>> graph_jet_backward_run(
+    const Kernels& k, const std::optional<at::Tensor>& grad_value,
+    const std::optional<at::Tensor>& grad_jacobian, const std::optional<at::Tensor>& grad_hessian,
+    const at::Tensor& x, at::TensorList tensors, const std::vector<std::string>& kinds,
+    at::IntArrayRef program, at::ArrayRef<double> consts, c10::string_view mode,
+    const std::vector<bool>& needs);
+
+// A backend's registrations: graph_jet_op<&backend::kernels>, graph_jet_backward_op<...>.
 template <const Kernels& (*K)()>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_op(
     const at::Tensor& x, at::TensorList tensors, std::vector<std::string> kinds,
     at::IntArrayRef program, at::ArrayRef<double> consts, c10::string_view mode) {
   return graph_jet_run(K(), x, tensors, kinds, program, consts, mode);
+}
+
+template <const Kernels& (*K)()>
+std::tuple<at::Tensor, std::vector<at::Tensor>> graph_jet_backward_op(
+    const std::optional<at::Tensor>& grad_value, const std::optional<at::Tensor>& grad_jacobian,
+    const std::optional<at::Tensor>& grad_hessian, const at::Tensor& x, at::TensorList tensors,
+    std::vector<std::string> kinds, at::IntArrayRef program, at::ArrayRef<double> consts,
+    c10::string_view mode, const c10::List<bool>& needs) {
+  const std::vector<bool> flags(needs.begin(), needs.end());
+  return graph_jet_backward_run(K(), grad_value, grad_jacobian, grad_hessian, x, tensors, kinds,
+                                program, consts, mode, flags);
 }
 
 }  // namespace hessmlp

@@ -65,6 +65,16 @@ HESSMLP_TORCH_LIBRARY(HESSMLP_LIBRARY, m) {
       "graph_jet(Tensor x, Tensor[] tensors, str[] kinds, int[] program, float[] consts, str mode) "
       "-> (Tensor, Tensor, Tensor)");
 
+  // The adjoint of graph_jet (docs/design.md §9): gradients of a loss w.r.t. x and every
+  // tensor, given its gradients w.r.t. graph_jet's value, jacobian and hessian (None =
+  // zero); the forward jets are recomputed.
+  //   needs  [x, tensors...]: which gradients to compute
+  // returns grad_x [B, d], grad_tensors[t] like tensors[t]; one not asked for is empty [0].
+  m.def(
+      "graph_jet_backward(Tensor? grad_value, Tensor? grad_jacobian, Tensor? grad_hessian, "
+      "Tensor x, Tensor[] tensors, str[] kinds, int[] program, float[] consts, str mode, "
+      "bool[] needs) -> (Tensor, Tensor[])");
+
   // One stage of elementwise functions and its first three derivatives at z,
   // exactly as the jet kernels evaluate them (for tests of the shared math).
   //   z [*], act_codes [k], act_params [2k]  ->  [4, *]: s, s1, s2, s3

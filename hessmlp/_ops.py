@@ -174,10 +174,35 @@ def _refuse_double_backward(ctx, *grads):
         "parameters are exact; a second derivative of them is not available.")
 
 
-def _refuse_graph_jet_backward(ctx, *grads):
-    raise NotImplementedError(
-        "hessmlp: gradients through graph_jet (graph networks) are not implemented yet; "
-        "compute it under torch.no_grad() or with inputs that do not require grad")
+@torch.library.register_fake("hessmlp::graph_jet_backward")
+def _graph_jet_backward_fake(grad_value, grad_jacobian, grad_hessian, x, tensors, kinds, program,
+                             consts, mode, needs):
+    _check_devices(x, (("tensors", tensors), ("grad", (grad_value, grad_jacobian, grad_hessian))))
+    empty = lambda: x.new_empty((0,))  # noqa: E731
+    return (x.new_empty(x.shape) if needs[0] else empty(),
+            [t.new_empty(t.shape) if n else empty() for t, n in zip(tensors, needs[1:])])
+
+
+def _graph_jet_setup_context(ctx, inputs, output):
+    x, tensors, kinds, program, consts, mode = inputs
+    ctx.set_materialize_grads(False)
+    ctx.args = (list(kinds), list(program), list(consts), mode)
+    ctx.save_for_backward(x, *tensors)
+
+
+def _graph_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian):
+    kinds, program, consts, mode = ctx.args
+    x, *tensors = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_x, need_t = bool(needs[0]), _flags(needs[1], len(tensors))
+    rest = tuple(_shaped(e, []) for e in needs[2:])
+    if (grad_value is None and grad_jacobian is None and grad_hessian is None) or not (
+            need_x or any(need_t)):
+        return (None, _shaped(needs[1], [None] * len(tensors))) + rest
+    gx, gt = torch.ops.hessmlp.graph_jet_backward(grad_value, grad_jacobian, grad_hessian, x, tensors,
+                                                  kinds, program, consts, mode, [need_x, *need_t])
+    return ((gx if need_x else None),
+            _shaped(needs[1], [g if n else None for g, n in zip(gt, need_t)])) + rest
 
 
 def _refuse_stage_derivs_backward(ctx, *grads):
@@ -190,4 +215,6 @@ torch.library.register_autograd("hessmlp::mlp_jet", _mlp_jet_backward,
                                 setup_context=_mlp_jet_setup_context)
 torch.library.register_autograd("hessmlp::mlp_jet_backward", _refuse_double_backward)
 torch.library.register_autograd("hessmlp::stage_derivs", _refuse_stage_derivs_backward)
-torch.library.register_autograd("hessmlp::graph_jet", _refuse_graph_jet_backward)
+torch.library.register_autograd("hessmlp::graph_jet", _graph_jet_backward,
+                                setup_context=_graph_jet_setup_context)
+torch.library.register_autograd("hessmlp::graph_jet_backward", _refuse_double_backward)

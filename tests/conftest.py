@@ -23,7 +23,7 @@ BACKEND = os.environ.get("HESSMLP_TEST_BACKEND", "native")
 if BACKEND not in ("native", "emulated"):
     raise ValueError(f"HESSMLP_TEST_BACKEND must be 'native' or 'emulated', got {BACKEND!r}")
 GRID_CAP = int(os.environ.get("HESSMLP_TEST_GRID_CAP", "3"))
-OPS = ("mlp_jet", "mlp_jet_backward", "stage_derivs", "graph_jet")
+OPS = ("mlp_jet", "mlp_jet_backward", "stage_derivs", "graph_jet", "graph_jet_backward")
 
 
 

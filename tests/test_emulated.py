@@ -308,7 +308,8 @@ def test_invalid_launch_configurations_are_reported(blocks, threads):
 @pytest.mark.parametrize("cap", [0, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_graph_jet_against_cpu_kernels(dtype, cap):
-    """graph_jet (products: csrc/cuda/graph.cu) on random graphs, with a full and a capped grid."""
+    """graph_jet and its backward (products and their adjoint: csrc/cuda/graph.cu; the stage
+    adjoint) on random graphs, with a full and a capped grid."""
     from graphs import random_graph
     from hessmlp._graph import op_arguments
 
@@ -317,6 +318,13 @@ def test_graph_jet_against_cpu_kernels(dtype, cap):
         graph, _, used = random_graph(seed, dtype)
         x = non_contiguous(torch.randn(9, graph.d, dtype=dtype))
         args = (x, graph.tensors, *op_arguments(graph))
+        needs = [True] * (1 + len(graph.tensors))
         for mode in MODES:
-            check_same(emulated().graph_jet(*args, mode), native().graph_jet(*args, mode), dtype,
-                       f"seed={seed} {mode} blocks={used}")
+            tag = f"seed={seed} {mode} blocks={used}"
+            out = emulated().graph_jet(*args, mode)
+            check_same(out, native().graph_jet(*args, mode), dtype, tag)
+            gs = [torch.randn(t.shape, dtype=dtype) for t in out]
+            for gv, gj, gh in [gs, (None, None, gs[2]), (gs[0], None, None)]:
+                check_same(emulated().graph_jet_backward(gv, gj, gh, *args, mode, needs),
+                           native().graph_jet_backward(gv, gj, gh, *args, mode, needs), dtype,
+                           f"backward {tag}")

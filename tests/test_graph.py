@@ -197,11 +197,97 @@ def test_op_empty_batch_and_non_contiguous_x():
     check_op(graph, wide[:, ::2], f64, "non-contiguous x")
 
 
-def test_op_refuses_gradients_clearly():
-    from hessmlp._graph import graph_jet
-    graph, params, _ = random_graph(3, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        graph_jet(graph, torch.randn(2, graph.d, dtype=f64), "full")[2].sum().backward()
+GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 5e-4}
+
+
+def func_outputs(graph, tensors, x, mode):
+    """[value, jacobian, mode's part] by torch.func, differentiable w.r.t. tensors and x."""
+    from hessmlp._graph import Graph
+
+    def f(ts, xi):
+        return evaluate(Graph(graph.nodes, list(ts)), xi.unsqueeze(0))[0]
+
+    ts = tuple(tensors)
+    out = [torch.func.vmap(f, in_dims=(None, 0))(ts, x),
+           torch.func.vmap(torch.func.jacrev(f, argnums=1), in_dims=(None, 0))(ts, x)]
+    if mode != "none":
+        hess = torch.func.vmap(torch.func.hessian(f, argnums=1), in_dims=(None, 0))(ts, x)
+        diag = hess.diagonal(dim1=-2, dim2=-1)
+        out.append({"full": hess, "diag": diag, "trace": diag.sum(-1)}[mode])
+    return out
+
+
+def check_gradients(graph, x, mode, tag, seed=0):
+    """Gradients of a random linear functional of graph_jet's outputs w.r.t. x and every
+    tensor, against autograd through torch.func."""
+    from hessmlp._graph import Graph, graph_jet
+
+    dtype = x.dtype
+    ts = [t.detach().clone().requires_grad_() for t in graph.tensors]
+    xr = x.detach().clone().requires_grad_()
+    ref = func_outputs(graph, ts, xr, mode)
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(t.shape, generator=gen, dtype=dtype) for t in ref]
+    want = torch.autograd.grad(sum((w * t).sum() for w, t in zip(ws, ref)), [xr, *ts],
+                               allow_unused=True)  # (a random graph may have dead branches)
+    want = [torch.zeros_like(t) if g is None else g for g, t in zip(want, [xr, *ts])]
+    th = [t.detach().clone().requires_grad_() for t in graph.tensors]
+    xh = x.detach().clone().requires_grad_()
+    outs = graph_jet(Graph(graph.nodes, th), xh, mode)[:len(ref)]
+    got = torch.autograd.grad(sum((w * t).sum() for w, t in zip(ws, outs)), [xh, *th])
+    for i, (a, e) in enumerate(zip(got, want)):
+        scale = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
+        err = (a - e).abs().max().item() if e.numel() else 0.0
+        assert err <= GRAD_RTOL[dtype] * scale, f"{tag} {mode} grad {'x' if i == 0 else f'tensors[{i - 1}]'}: " \
+                                                 f"{err:.3e} > {GRAD_RTOL[dtype]:.0e} * {scale:.3e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gradients_on_random_graphs(seed, dtype):
+    graph, _, used = random_graph(seed, dtype)
+    x = torch.randn(4, graph.d, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    for mode in ("full", "diag", "trace", "none"):
+        check_gradients(graph, x, mode, f"seed={seed} blocks={used}", seed)
+
+
+def test_gradients_of_shared_weights_and_squares():
+    """A weight used by two nodes (its gradient sums both), a product of a node with itself."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 4, generator=gen, dtype=f64) / 2
+    g = GraphBuilder(4)
+    h = g.stage(g.linear(0, W), acts_of(nn.Tanh))
+    h2 = g.stage(g.linear(h, W), acts_of(nn.SiLU))
+    sq = g.mul(h2, h2)
+    g.linear(g.add(sq, h), torch.randn(2, 4, generator=gen, dtype=f64))
+    graph = g.build()
+    assert len(graph.tensors) == 2
+    x = torch.randn(5, 4, dtype=f64)
+    check_op(graph, x, f64, "shared")
+    for mode in ("full", "diag", "trace", "none"):
+        check_gradients(graph, x, mode, "shared")
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_gradcheck_graph_jet(seed):
+    from hessmlp._graph import Graph, graph_jet
+    graph, _, _ = random_graph(seed)
+    ts = [t.detach().clone().requires_grad_() for t in graph.tensors]
+    x = torch.randn(2, graph.d, dtype=f64, requires_grad=True)
+    for mode in ("full", "trace"):
+        f = lambda x, *ts: graph_jet(Graph(graph.nodes, list(ts)), x, mode)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, *ts), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_double_backward_is_refused():
+    from hessmlp._graph import Graph, graph_jet
+    graph, _, _ = random_graph(2)
+    ts = [t.detach().clone().requires_grad_() for t in graph.tensors]
+    x = torch.randn(2, graph.d, dtype=f64, requires_grad=True)
+    h = graph_jet(Graph(graph.nodes, ts), x, "trace")[2]
+    (gx,) = torch.autograd.grad(h.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
 
 
 @pytest.mark.parametrize("change, match", [
@@ -238,11 +324,16 @@ def test_op_refuses_wrong_shapes():
 
 @pytest.mark.parametrize("mode", ["full", "diag", "trace", "none"])
 def test_opcheck_graph_jet(mode):
-    """Schema, fake kernel against the real one, autograd registration (the backward refuses
-    until it exists, so aot dispatch is not checked)."""
+    """Every opcheck utility on graph_jet and its backward: schema, fake kernel against the
+    real one, autograd registration, aot dispatch."""
     from hessmlp._graph import op_arguments
     graph, _, _ = random_graph(11)
     x = torch.randn(3, graph.d, dtype=f64)
-    torch.library.opcheck(torch.ops.hessmlp.graph_jet.default,
-                          (x, graph.tensors, *op_arguments(graph), mode),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    ts = [t.detach().clone().requires_grad_() for t in graph.tensors]
+    args = (x.requires_grad_(), ts, *op_arguments(graph), mode)
+    torch.library.opcheck(torch.ops.hessmlp.graph_jet.default, args)
+    value, jac, hess = torch.ops.hessmlp.graph_jet(*[a.detach() if torch.is_tensor(a) else a for a in args])
+    torch.library.opcheck(torch.ops.hessmlp.graph_jet_backward.default,
+                          (torch.randn_like(value), None, torch.randn_like(hess), x.detach(),
+                           [t.detach() for t in ts], *op_arguments(graph), mode,
+                           [True] * (1 + len(ts))))

@@ -55,4 +55,5 @@ void product_adjoint(Mode mode, int64_t d, const at::Tensor& p, const at::Tensor
 
 TORCH_LIBRARY_IMPL(hessmlp, CPU, m) {
   m.impl("graph_jet", &hessmlp::graph_jet_op<&hessmlp::cpu::kernels>);
+  m.impl("graph_jet_backward", &hessmlp::graph_jet_backward_op<&hessmlp::cpu::kernels>);
 }

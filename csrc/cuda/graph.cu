@@ -60,4 +60,5 @@ void product_adjoint(Mode mode, int64_t d, const at::Tensor& p, const at::Tensor
 
 TORCH_LIBRARY_IMPL(HESSMLP_LIBRARY, HESSMLP_CUDA_KEY, m) {
   m.impl("graph_jet", &hessmlp::graph_jet_op<&hessmlp::cuda::kernels>);
+  m.impl("graph_jet_backward", &hessmlp::graph_jet_backward_op<&hessmlp::cuda::kernels>);
 }
