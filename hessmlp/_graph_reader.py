@@ -1,0 +1,346 @@
+"""Reading a module's forward as a graph network (docs/design.md §9), with torch.fx.
+
+The step of the graph work that comes before the public functions take graphs: graph_of
+reads residual additions, concatenations, products, per-feature or scalar affine maps
+(constant or learnable), slices and the elementwise functions the chain reader knows, from
+the same trace as the chain reader (_spec._FxChain, whose helpers it shares), into plain
+records whose tensors are attribute paths; graph_of resolves them into a Graph with the
+model's current tensors.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._graph import Graph, GraphBuilder
+from ._spec import (_ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _RESHAPES, Act, _FxChain,
+                    _get, _gelu, _join, _module_steps, _refuse, _weight, UnsupportedModelError)
+
+__all__ = ["graph_of"]
+
+# A record: (kind, where, inputs (record indices), payload). Tensor specs in payloads: a path,
+# ("t", path) (a transpose), ("weight_norm", ...) (_spec._weight), ("neg", spec), ("recip", spec).
+Record = Tuple[str, str, Tuple[int, ...], object]
+
+
+class _FxGraph(_FxChain):
+    def records(self) -> List[Record]:
+        nodes = list(self.graph.nodes)
+        fixed = {n for n in nodes if n.op == "placeholder" and n.args}
+        for n in nodes:
+            if n.op == "call_function" and n.all_input_nodes and all(a in fixed for a in n.all_input_nodes):
+                fixed.add(n)
+        nodes = [n for n in nodes if n not in fixed]
+        inputs = [n for n in nodes if n.op == "placeholder"]
+        if len(inputs) != 1:
+            raise UnsupportedModelError(
+                f"hessmlp: {self.name}.forward takes {len(inputs)} inputs; hessmlp reads graphs of one "
+                "tensor input for now")
+        self.recs: List[Record] = [("input", "", (), None)]
+        self.env = {inputs[0]: 0}
+        self.derived = set()  # nodes computed from parameters and buffers alone
+        for node in nodes:
+            if node.op in ("placeholder", "get_attr"):
+                continue
+            if self._is_meta(node):
+                self.meta.add(node)
+                continue
+            value = self._constant_value(node)
+            if value is not None:
+                self.values[node] = value
+                continue
+            if node.op == "output":
+                out = node.args[0]
+                if out not in self.env:
+                    raise _refuse(self._where(node), f"returning {out!r}",
+                                  "the forward must return one tensor computed from its input")
+                # The output is the last record: bring it there when it is not.
+                if self.env[out] != len(self.recs) - 1:
+                    self._add("affine", self._where(node), (self.env[out],), (1.0, 0.0))
+                break
+            if node.op in ("call_function", "call_method") and not any(
+                    self._computed(a) or a in self.meta for a in node.all_input_nodes):
+                # Parameters and buffers alone (g * v / |v|, n * a): PyTorch computes it before
+                # the op, as a tensor the op takes.
+                self.derived.add(node)
+                continue
+            self.env[node] = self._read(node)
+        return self.recs + [("const", w, (), item) for _, w, item in self.consts]
+
+    # ---- helpers
+    def _add(self, kind: str, where: str, inputs: Tuple[int, ...], payload=None) -> int:
+        self.recs.append((kind, where, tuple(inputs), payload))
+        return len(self.recs) - 1
+
+    def _computed(self, v) -> bool:
+        return isinstance(v, fx.Node) and v in self.env
+
+    def _tensor_spec(self, v):
+        """A parameter or buffer operand (get_attr): its path; a tensor computed from them: ("fx",
+        the reader, the node); else None."""
+        if isinstance(v, fx.Node) and v in self.derived:
+            return ("fx", self, v)
+        if isinstance(v, fx.Node) and v.op == "get_attr" and v.target in self.literals and \
+                isinstance(self.literals[v.target], torch.Tensor) and self.literals[v.target].numel() > 1:
+            # A tensor fx computed while tracing (buffers combined: ub - lb), read as a constant.
+            # (graph_of traces again on every call; a cached structure will compare its value.)
+            return ("literal", self.literals[v.target])
+        if isinstance(v, fx.Node) and v.op == "get_attr" and v.target not in self.literals:
+            t = self._attr(v)
+            if isinstance(t, torch.Tensor):
+                return _join(self.path, v.target)
+        return None
+
+    def _steps(self, h: int, steps, where: str) -> int:
+        """Chain steps (_spec's Step: linear, act, width, dtype) applied after record h."""
+        acts: List[Act] = []
+        for kind, w, item in steps:
+            if kind == "act":
+                if item.name != "identity":
+                    acts.append(item)
+                continue
+            if acts:
+                h = self._add("stage", w, (h,), tuple(acts))
+                acts = []
+            if kind == "linear":
+                h = self._add("linear", w, (h,), item)
+            elif kind in ("width", "dtype"):
+                h = self._add("check", w, (h,), (kind, item))
+        if acts:
+            h = self._add("stage", where, (h,), tuple(acts))
+        return h
+
+    # ---- one fx node
+    def _read(self, node: fx.Node) -> int:
+        where = self._where(node)
+        args, kwargs = list(node.args), dict(node.kwargs)
+        computed = [a for a in list(args) + list(kwargs.values()) if self._computed(a)]
+        if node.op == "call_module":
+            if len(args) != 1 or not self._computed(args[0]) or kwargs:
+                raise _refuse(where, "a module call with extra arguments")
+            mod = self.model.get_submodule(node.target)
+            return self._steps(self.env[args[0]], _module_steps(mod, where, _join(self.path, node.target)),
+                               where)
+        fn = node.target
+        name = fn if node.op == "call_method" else None
+        if node.op == "call_method" and name in _ARITH_METHODS:
+            return self._arith(_ARITH_METHODS[name], args, kwargs, node)
+        if node.op == "call_function" and fn in _ARITH:
+            return self._arith(_ARITH[fn], args, kwargs, node)
+        if fn in (torch.cat, torch.concat) or name == "cat":
+            seq = args[0] if args else kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if dim not in (1, -1) or not all(self._computed(a) for a in seq):
+                raise _refuse(where, "a concatenation that is not of computed tensors along the "
+                              "features (dim=1 or -1)")
+            return self._add("concat", where, tuple(self.env[a] for a in seq))
+        if fn is operator.getitem and self._computed(args[0]):
+            return self._getitem(self.env[args[0]], args[1], where)
+        if (fn is torch.narrow or name == "narrow") and self._computed(args[0]):
+            a = self._bind(node, args, kwargs, ("input", "dim", "start", "length"), {})
+            if a["dim"] not in (1, -1):
+                raise _refuse(where, "narrow along another dimension than the features")
+            return self._add("slice", where, (self.env[args[0]],), (a["start"], a["start"] + a["length"], 1))
+        if fn is torch.cos or name == "cos":
+            return self._add("stage", where, (self.env[args[0]],), (Act("affine", 1.0, math.pi / 2), Act("sin", 1.0)))
+        if fn in (operator.matmul, torch.matmul, torch.mm) and len(args) == 2 and self._computed(args[0]):
+            spec = self._tensor_spec(args[1])
+            if spec is None:
+                raise _refuse(where, "a matrix product of two tensors computed from the input")
+            return self._add("linear", where, (self.env[args[0]],), (("t", spec), None))
+        if (fn is torch.index_select or name == "index_select") and self._computed(args[0]):
+            a = self._bind(node, args, kwargs, ("input", "dim", "index"), {})
+            spec = self._tensor_spec(a["index"])
+            if a["dim"] not in (1, -1) or spec is None or spec[0] in ("fx", "literal"):
+                raise _refuse(where, "index_select other than of features by an index buffer")
+            # (The indices are read once, with the structure.)
+            return self._add("select", where, (self.env[args[0]],),
+                             tuple(int(i) for i in self._attr(a["index"]).tolist()))
+        if len(computed) != 1:
+            raise _refuse(where, f"{getattr(fn, '__name__', fn)} of {len(computed)} computed tensors")
+        h = self.env[computed[0]]
+        if node.op == "call_method":
+            fname = name[:-1] if name.endswith("_") else name
+            if fname in ("tanh", "sigmoid", "relu", "sin", "square") and len(args) == 1 and not kwargs:
+                return self._add("stage", where, (h,), (_FUNCS[fname][2]({}),))
+            same = self._identity(node, name, args, kwargs) if name in _RESHAPES else None
+            if same is not None:
+                return self._steps(h, same, where) if same else h
+            raise _refuse(where, f"Tensor.{name}")
+        if fn in (torch.flatten, torch.reshape):
+            same = self._identity(node, fn.__name__, args, kwargs)
+            if same is not None:
+                return self._steps(h, same, where) if same else h
+        if fn is F.linear:
+            a = self._bind(node, args, kwargs, ("input", "weight", "bias"), {"bias": None})
+            w, b = (self._tensor_spec(a[k]) if a[k] is not None else None for k in ("weight", "bias"))
+            if w is None or (a["bias"] is not None and b is None):
+                raise _refuse(where, "F.linear with a weight or bias computed from the input")
+            return self._add("linear", where, (h,), (w, b))
+        # Chain-reader functions (activations, dropout): their steps from here.
+        return self._steps(h, self._node_steps(node, computed[0], args, kwargs), where)
+
+    def _getitem(self, h: int, index, where: str) -> int:
+        if not isinstance(index, tuple) or len(index) != 2 or index[0] not in (slice(None), Ellipsis):
+            raise _refuse(where, f"indexing with {index!r}", "hessmlp reads h[:, a:b] and h[:, [i, j]]")
+        sel = index[1]
+        if isinstance(sel, slice) and not any(isinstance(v, fx.Node) for v in (sel.start, sel.stop, sel.step)):
+            return self._add("slice", where, (h,), (sel.start, sel.stop, sel.step))
+        if isinstance(sel, (list, tuple)) and all(isinstance(i, int) for i in sel):
+            return self._add("select", where, (h,), tuple(sel))
+        raise _refuse(where, f"indexing with {index!r}",
+                      "an integer index drops the feature dimension: write h[:, i:i + 1]")
+
+    def _operand(self, v, node: fx.Node, op: str):
+        """A constant operand: a float, or a tensor spec."""
+        spec = self._tensor_spec(v)
+        if spec is not None and spec[0] in ("fx", "literal"):
+            return spec
+        if spec is not None and self._attr(v).numel() > 1:
+            return spec
+        if spec is not None and self._attr(v).requires_grad:
+            return spec  # a learnable scalar (an adaptive activation's slope)
+        return self._scalar(v, node, op)
+
+    def _arith(self, op: str, args, kwargs, node: fx.Node) -> int:
+        where = self._where(node)
+        if op in ("neg", "pos"):
+            return self._add("affine", where, (self.env[args[0]],), (-1.0 if op == "neg" else 1.0, 0.0))
+        if kwargs.get("alpha", 1) != 1 or set(kwargs) - {"alpha"} or len(args) != 2:
+            raise _refuse(where, f"'{op}' with extra arguments")
+        lhs, rhs = args
+        if op == "rsub":
+            lhs, rhs, op = rhs, lhs, "sub"
+        if op == "pow":
+            if not self._computed(lhs) or isinstance(rhs, fx.Node) or rhs not in (1, 2):
+                raise _refuse(where, "a power other than h ** 2")
+            h = self.env[lhs]
+            return h if rhs == 1 else self._add("stage", where, (h,), (Act("square"),))
+        if self._computed(lhs) and self._computed(rhs):
+            a, b = self.env[lhs], self.env[rhs]
+            if op == "add":
+                return self._add("add", where, (a, b))
+            if op == "sub":
+                return self._add("add", where, (a, self._add("affine", where, (b,), (-1.0, 0.0))))
+            if op == "mul":
+                return self._add("mul", where, (a, b))
+            raise _refuse(where, "a division by a computed tensor")
+        left = self._computed(lhs)
+        h = self.env[lhs if left else rhs]
+        c = self._operand(rhs if left else lhs, node, op)
+        neg = ("neg", c) if not isinstance(c, float) else -c
+        if op == "mul":
+            return self._add("affine", where, (h,), (c, 0.0))
+        if op == "add":
+            return self._add("affine", where, (h,), (1.0, c))
+        if op == "sub":
+            return self._add("affine", where, (h,), (1.0, neg) if left else (-1.0, c))
+        if op == "div":
+            if not left:
+                raise _refuse(where, "dividing a constant by a computed tensor")
+            if isinstance(c, float):
+                if c == 0.0:
+                    raise _refuse(where, "dividing by zero")
+                return self._add("affine", where, (h,), (1.0 / c, 0.0))
+            return self._add("affine", where, (h,), (("recip", c), 0.0))
+        raise _refuse(where, op)
+
+
+def _evaluate(reader: _FxGraph, node):
+    """A node of parameters and buffers alone, computed with the current ones (differentiably)."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        return reader._attr(node)
+    if node in reader.values:
+        return reader.values[node]
+    args = fx.node.map_aggregate(node.args, lambda a: _evaluate(reader, a))
+    kwargs = fx.node.map_aggregate(node.kwargs, lambda a: _evaluate(reader, a))
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _tensor(model: nn.Module, spec):
+    if isinstance(spec, tuple) and spec[0] == "fx":
+        return _evaluate(spec[1], spec[2])
+    if isinstance(spec, tuple) and spec[0] == "literal":
+        return spec[1]
+    if isinstance(spec, tuple) and spec[0] == "t":
+        return _tensor(model, spec[1]).t()
+    return _weight(model, spec)
+
+
+def _resolve(model: nn.Module, spec):
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    if isinstance(spec, tuple) and spec[0] == "neg":
+        return -_resolve(model, spec[1]) if not isinstance(spec[1], float) else -spec[1]
+    if isinstance(spec, tuple) and spec[0] == "recip":
+        return 1.0 / _resolve(model, spec[1])
+    t = _tensor(model, spec)
+    if not isinstance(t, torch.Tensor):
+        return float(t)
+    return t.reshape(-1) if t.dim() > 1 and t.shape[0] == 1 else t
+
+
+class _Chain:
+    """Records of a chain's steps (an nn.Sequential)."""
+    _add = _FxGraph._add
+    _steps = _FxGraph._steps
+
+    def __init__(self):
+        self.recs: List[Record] = [("input", "", (), None)]
+
+
+def _records(model: nn.Module) -> List[Record]:
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        chain = _Chain()
+        chain._steps(0, _module_steps(model, "model", ""), "model")
+        return chain.recs
+    return _FxGraph(model, type(model).__name__).records()
+
+
+def graph_of(model: nn.Module, d: int) -> Graph:
+    """The graph network of ``model`` for inputs of d features, with its current tensors."""
+    model = getattr(model, "_orig_mod", model)
+    g = GraphBuilder(d)
+    ids: List[int] = []
+    for kind, where, inputs, payload in _records(model):
+        ins = [ids[i] for i in inputs]
+        if kind == "input":
+            ids.append(0)
+        elif kind == "linear":
+            W, b = _tensor(model, payload[0]), None if payload[1] is None else _tensor(model, payload[1])
+            ids.append(g.linear(ins[0], W, b, where=where))
+        elif kind == "stage":
+            ids.append(g.stage(ins[0], payload, where=where))
+        elif kind == "affine":
+            ids.append(g.affine(ins[0], _resolve(model, payload[0]), _resolve(model, payload[1]), where=where))
+        elif kind == "add":
+            ids.append(g.add(*ins, where=where))
+        elif kind == "concat":
+            ids.append(g.concat(*ins, where=where))
+        elif kind == "mul":
+            ids.append(g.mul(*ins, where=where))
+        elif kind == "select":
+            ids.append(g.select(ins[0], payload, where=where))
+        elif kind == "slice":
+            n = g.nodes[ins[0]].width
+            ids.append(g.select(ins[0], range(n)[slice(*payload)], where=where))
+        elif kind == "check":
+            what, value = payload
+            n = g.nodes[ins[0]].width
+            if what == "width" and value != n:
+                raise UnsupportedModelError(
+                    f"hessmlp: the reshape to (-1, {value}) at {where} is not the identity on this "
+                    f"model's ({n} features there)")
+            ids.append(ins[0])
+        elif kind == "const":
+            ids.append(-1)
+    return g.build()
