@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._graph import Graph, GraphBuilder
-from ._spec import (_ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _RESHAPES, Act, _FxChain,
-                    _get, _gelu, _join, _module_steps, _refuse, _weight, UnsupportedModelError)
+from .nn import Sine
+from ._spec import (_ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _GRAPH_CACHE_ATTR, _RESHAPES,
+                    Act, _FxChain, _check_global_hooks, _check_hooks, _fingerprint, _get, _join,
+                    _module_steps, _refuse, _same, _weight, UnsupportedModelError)
 
 __all__ = ["graph_of"]
 
@@ -30,30 +32,11 @@ Record = Tuple[str, str, Tuple[int, ...], object]
 
 class _FxGraph(_FxChain):
     def records(self) -> List[Record]:
-        nodes = list(self.graph.nodes)
-        fixed = {n for n in nodes if n.op == "placeholder" and n.args}
-        for n in nodes:
-            if n.op == "call_function" and n.all_input_nodes and all(a in fixed for a in n.all_input_nodes):
-                fixed.add(n)
-        nodes = [n for n in nodes if n not in fixed]
-        inputs = [n for n in nodes if n.op == "placeholder"]
-        if len(inputs) != 1:
-            raise UnsupportedModelError(
-                f"hessmlp: {self.name}.forward takes {len(inputs)} inputs; hessmlp reads graphs of one "
-                "tensor input for now")
+        inp, nodes = self._walk()
         self.recs: List[Record] = [("input", "", (), None)]
-        self.env = {inputs[0]: 0}
+        self.env = {inp: 0}
         self.derived = set()  # nodes computed from parameters and buffers alone
         for node in nodes:
-            if node.op in ("placeholder", "get_attr"):
-                continue
-            if self._is_meta(node):
-                self.meta.add(node)
-                continue
-            value = self._constant_value(node)
-            if value is not None:
-                self.values[node] = value
-                continue
             if node.op == "output":
                 out = node.args[0]
                 if out not in self.env:
@@ -86,7 +69,8 @@ class _FxGraph(_FxChain):
         if isinstance(v, fx.Node) and v in self.derived:
             return ("fx", self, v)
         if isinstance(v, fx.Node) and v.op == "get_attr" and v.target in self.literals and \
-                isinstance(self.literals[v.target], torch.Tensor) and self.literals[v.target].numel() > 1:
+                isinstance(self.literals[v.target], torch.Tensor) and self.literals[v.target].numel() > 1 \
+                and self.literals[v.target].is_floating_point():
             # A tensor fx computed while tracing (buffers combined: ub - lb), read as a constant.
             # (graph_of traces again on every call; a cached structure will compare its value.)
             return ("literal", self.literals[v.target])
@@ -290,20 +274,72 @@ def _resolve(model: nn.Module, spec):
 
 
 class _Chain:
-    """Records of a chain's steps (an nn.Sequential)."""
+    """Records of an nn.Sequential: its entries one after the other, a user's module among
+    them read as a graph of its own and spliced in."""
     _add = _FxGraph._add
     _steps = _FxGraph._steps
 
     def __init__(self):
         self.recs: List[Record] = [("input", "", (), None)]
+        self.consts: List[Record] = []
+
+    def sequential(self, h: int, seq: nn.Sequential, where: str, path: str) -> int:
+        for name, child in seq._modules.items():
+            w, p = f"{where}[{name}]", _join(path, name)
+            if isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward:
+                h = self.sequential(h, child, w, p)
+            elif not type(child).__module__.startswith("torch.") and not isinstance(child, Sine):
+                _check_hooks(child, w)
+                h = self.splice(h, _FxGraph(child, w, p).records())
+            else:
+                h = self._steps(h, _module_steps(child, w, p), w)
+        return h
+
+    def splice(self, h: int, recs: List[Record]) -> int:
+        ids = [h]
+        for kind, where, inputs, payload in recs[1:]:
+            if kind == "const":
+                self.consts.append((kind, where, inputs, payload))
+                continue
+            ids.append(self._add(kind, where, tuple(ids[i] for i in inputs), payload))
+        return ids[-1]
 
 
 def _records(model: nn.Module) -> List[Record]:
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
         chain = _Chain()
-        chain._steps(0, _module_steps(model, "model", ""), "model")
-        return chain.recs
+        chain.sequential(0, model, "model", "")
+        return chain.recs + chain.consts
+    _check_hooks(model, type(model).__name__)
     return _FxGraph(model, type(model).__name__).records()
+
+
+def _literal(spec) -> bool:
+    return isinstance(spec, tuple) and bool(spec) and (
+        spec[0] == "literal" or any(_literal(s) for s in spec[1:] if isinstance(s, tuple)))
+
+
+def cached_records(model: nn.Module) -> List[Record]:
+    """The records of ``model``, read again when its fingerprint (_spec._fingerprint) or a
+    scalar read as a constant changed; never kept when fx computed a tensor while tracing
+    (its source is unknown: read every call)."""
+    _check_global_hooks()
+    fp = _fingerprint(model)
+    cache = model.__dict__.get(_GRAPH_CACHE_ATTR)
+    if cache is not None and cache[0] == fp and all(
+            _same(float(_get(model, item[0]).item()), item[1])
+            for kind, _, _, item in cache[1] if kind == "const"):
+        return cache[1]
+    recs = _records(model)
+    if not any(_literal(p) for _, _, _, payload in recs if isinstance(payload, tuple) for p in payload):
+        model.__dict__[_GRAPH_CACHE_ATTR] = (fp, recs)
+    return recs
+
+
+def has_graph(model: nn.Module) -> bool:
+    """Whether ``model``'s structure is cached as a graph and still current (cheap)."""
+    cache = getattr(model, "_orig_mod", model).__dict__.get(_GRAPH_CACHE_ATTR)
+    return cache is not None and cache[0] == _fingerprint(getattr(model, "_orig_mod", model))
 
 
 def graph_of(model: nn.Module, d: int) -> Graph:
@@ -311,7 +347,7 @@ def graph_of(model: nn.Module, d: int) -> Graph:
     model = getattr(model, "_orig_mod", model)
     g = GraphBuilder(d)
     ids: List[int] = []
-    for kind, where, inputs, payload in _records(model):
+    for kind, where, inputs, payload in cached_records(model):
         ins = [ids[i] for i in inputs]
         if kind == "input":
             ids.append(0)

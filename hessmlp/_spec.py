@@ -106,6 +106,14 @@ _CHAIN_ADVICE = ("hessmlp computes exact Hessians of chains Linear -> elementwis
                  "Linear ...; write the model as such a chain (e.g. hessmlp.MLP)")
 
 
+# Where the chain reader meets a graph network (a residual, a concatenation, a product, a
+# learnable or per-feature operand): the graph reader (hessmlp/_graph_reader.py) reads it
+# when hessmlp runs eagerly; under torch.compile it is refused for now.
+_GRAPH_ADVICE_SHORT = "hessmlp computes graph networks outside torch.compile only, for now"
+_GRAPH_ADVICE = (_GRAPH_ADVICE_SHORT + ": call hessmlp on this model eagerly (or write it as a chain "
+                 "Linear -> elementwise functions -> Linear, e.g. hessmlp.MLP)")
+
+
 def _refuse(where: str, what: str, advice: str = _CHAIN_ADVICE) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"hessmlp: {what} at {where} is not supported. {advice[:1].upper()}{advice[1:]}. {_SEE}")
@@ -429,7 +437,7 @@ class _FxChain:
 
     def _learnable(self, node: fx.Node, name: str) -> UnsupportedModelError:
         return _refuse(self._where(node), f"a learnable scalar '{name}' (an adaptive activation)",
-                       "trainable activation parameters are not supported yet; freeze it with "
+                       "hessmlp reads this as a graph network: " + _GRAPH_ADVICE_SHORT + "; or freeze it with "
                        "requires_grad_(False) to treat it as a constant")
 
     def _two_tensors(self, node: fx.Node, op: str) -> UnsupportedModelError:
@@ -439,8 +447,7 @@ class _FxChain:
             what = "a product of two computed tensors (gating, x * sigmoid(beta * x))"
         else:
             what = f"'{op}' of two computed tensors"
-        return _refuse(self._where(node), what, "graph networks are not supported yet; " +
-                       _CHAIN_ADVICE)
+        return _refuse(self._where(node), what, _GRAPH_ADVICE)
 
     def _no_chain(self, node: fx.Node, inp: fx.Node, cur: fx.Node) -> UnsupportedModelError:
         """Why a node that does not take the current end ``cur`` of the chain directly is
@@ -450,10 +457,10 @@ class _FxChain:
         if fn in (torch.cat, torch.concat, torch.stack, torch.hstack):
             what = ("a concatenation of computed tensors (torch.cat: a skip-concat of the input, "
                     "Fourier features or a positional encoding)")
-            advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+            advice = _GRAPH_ADVICE
         elif cur in node.all_input_nodes and len(used) > 1:  # (cur inside a list or tuple)
             what = f"two branches merged ({getattr(fn, '__name__', node.target)})"
-            advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+            advice = _GRAPH_ADVICE
         elif not used and any(self._is_learnable_scalar(a) for a in node.all_input_nodes):
             name = next(a.target for a in node.all_input_nodes if self._is_learnable_scalar(a))
             return self._learnable(node, name)
@@ -466,10 +473,10 @@ class _FxChain:
         elif inp in used:
             what = ("the input used a second time (a skip connection, or branches from the input "
                     "such as Fourier features sin(x @ B), cos(x @ B))")
-            advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+            advice = _GRAPH_ADVICE
         else:
             what = "a hidden state used a second time (a residual connection or a branch)"
-            advice = "graph networks are not supported yet; " + _CHAIN_ADVICE
+            advice = _GRAPH_ADVICE
         return _refuse(self._where(node), what, advice)
 
     def _constant_value(self, node: fx.Node) -> Optional[float]:
@@ -501,7 +508,10 @@ class _FxChain:
             return isinstance(node.args[0], fx.Node) and node.args[0] in self.meta
         return False
 
-    def steps(self) -> List[Step]:
+    def _walk(self):
+        """(the input node, the nodes that compute something, the output node last): the
+        placeholders of arguments traced at their defaults, metadata reads and constants
+        (self.meta, self.values) left out."""
         nodes = list(self.graph.nodes)
         # Placeholders of arguments traced at their defaults (they carry that default), and
         # the checks fx adds for them.
@@ -518,8 +528,7 @@ class _FxChain:
                 f"hessmlp: {self.name}.forward takes {len(inputs)} inputs ({names}); hessmlp "
                 "differentiates w.r.t. exactly one tensor input. Concatenate the inputs into one x "
                 f"outside the model (forward(self, x) with x = torch.cat([x, t], -1)). {_SEE}")
-        inp = cur = inputs[0]
-        steps: List[Step] = []
+        work = []
         for node in nodes:
             if node.op in ("placeholder", "get_attr"):
                 continue
@@ -530,6 +539,16 @@ class _FxChain:
             if value is not None:
                 self.values[node] = value
                 continue
+            work.append(node)
+            if node.op == "output":
+                break
+        return inputs[0], work
+
+    def steps(self) -> List[Step]:
+        inp, nodes = self._walk()
+        cur = inp
+        steps: List[Step] = []
+        for node in nodes:
             if node.op == "output":
                 if node.args[0] is not cur:
                     raise _refuse(self._where(node), f"returning {node.args[0]!r}",
@@ -712,7 +731,8 @@ _CACHE_ATTR = "_hessmlp_structure"
 # oldest torch hessmlp supports.)
 
 # nn.Module's own bookkeeping (parameters, buffers, children and hooks are fingerprinted apart).
-_MODULE_ATTRS = frozenset(nn.Module().__dict__) | {_CACHE_ATTR}
+_GRAPH_CACHE_ATTR = "_hessmlp_graph"  # (hessmlp/_graph_reader.py's, for graph networks)
+_MODULE_ATTRS = frozenset(nn.Module().__dict__) | {_CACHE_ATTR, _GRAPH_CACHE_ATTR}
 _PLAIN = (bool, int, float, str, complex, type(None), torch.dtype, torch.device)
 
 

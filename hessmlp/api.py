@@ -129,13 +129,107 @@ def _check_context() -> None:
             "torch.autograd.grad(loss, params) for gradients (torch.compile works too).")
 
 
+def _graph_network(model: nn.Module, x: torch.Tensor, chain_error: Optional[Exception]):
+    """The graph of a model that is not a chain (docs/design.md §9), checked against x."""
+    from . import _graph_reader
+
+    if torch.compiler.is_compiling():
+        raise UnsupportedModelError(
+            f"hessmlp: {type(model).__name__} is a graph network (not a chain), which hessmlp does "
+            "not compile yet; call hessmlp on it outside torch.compile") from chain_error
+    d = x.shape[-1]
+    try:
+        graph = _graph_reader.graph_of(model, d)
+    except ValueError as e:  # (UnsupportedModelError included)
+        raise e from None
+    if not any(node.kind == "linear" for node in graph.nodes):
+        if chain_error is not None:
+            raise chain_error
+        raise UnsupportedModelError(f"hessmlp: the model has no nn.Linear layer ({type(model).__name__})")
+    for node in graph.nodes:
+        for i in node.tensors:
+            t = None if i < 0 else graph.tensors[i]
+            if t is None:
+                continue
+            if t.dtype != x.dtype:
+                raise TypeError(f"hessmlp: x is {x.dtype} but a tensor of {node.where or node.kind} is "
+                                f"{t.dtype}; convert one of them (model.to({x.dtype}) or "
+                                f"x.to({t.dtype}))")
+            if t.device != x.device:
+                raise ValueError(f"hessmlp: x is on {x.device} but a tensor of {node.where or node.kind} "
+                                 f"is on {t.device}; move them to one device")
+    return graph
+
+
+def _run_graph(graph, x: torch.Tensor, mode: str, output, method: str) -> Jet:
+    """hessmlp's functions on a graph network: the op graph_jet (forward jets)."""
+    from ._graph import Graph, Node, op_arguments
+
+    if method not in ("auto", "forward"):
+        raise ValueError(f"hessmlp: method={method!r} serves chains of layers only; a graph network "
+                         "(residual, concatenation, products) takes method='forward' or 'auto'")
+    m = graph.m
+    if output is not None:
+        if isinstance(output, bool) or not isinstance(output, numbers.Integral):
+            raise TypeError(f"hessmlp: output must be an int (an index into the {m} outputs) or None, "
+                            f"got {type(output).__name__}")
+        if not -m <= output < m:
+            raise ValueError(f"hessmlp: output={output} is out of range for a model with {m} outputs")
+        last = len(graph.nodes) - 1
+        graph = Graph(graph.nodes + [Node("select", (last,), 1, index=(int(output) % m,))], graph.tensors)
+    batched = x.dim() == 2
+    xb = x if batched else x.unsqueeze(0)
+    B, d = xb.shape
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (xb, *graph.tensors))
+    # Memory: every node's columns, as the backward keeps them.
+    widths = [sum(n.width for n in graph.nodes), graph.m]
+    _, rows = _memory.plan(B, d, widths, mode, "forward", xb, output, save)
+    kinds, program, consts = op_arguments(graph)
+
+    def run(xc):
+        return torch.ops.hessmlp.graph_jet(xc, graph.tensors, kinds, program, consts, mode)
+
+    return _jet_of_calls(run, xb, rows, mode, output, batched)
+
+
+def _jet_of_calls(run, xb: torch.Tensor, rows: int, mode: str, output, batched: bool) -> Jet:
+    """The op's results (run(x chunk) -> value, jacobian, hessian) for the batch, rows samples a
+    call, in the shapes the public functions return."""
+    if rows >= xb.shape[0]:
+        value, jac, hess = run(xb)
+    else:
+        parts = [run(xc) for xc in xb.split(rows)]
+        value, jac, hess = (torch.cat([p[k] for p in parts]) for k in range(3))
+    if mode == "none":
+        hess = None
+    if output is not None:
+        value, jac = value[:, 0], jac[:, 0]
+        hess = None if hess is None else hess[:, 0]
+    if not batched:
+        value, jac = value[0], jac[0]
+        hess = None if hess is None else hess[0]
+    return Jet(value, jac, hess)
+
+
 def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Jet:
+    from . import _graph_reader
+
     _check_context()
     x = _check_x(x)
     if not (hessian is None or isinstance(hessian, str)) or hessian not in _MODES:
         raise ValueError(f"hessmlp: hessian must be 'full', 'diag', 'trace' or None, got {hessian!r}")
     mode = _MODES[hessian]
-    net = network_of(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
+    if not torch.compiler.is_compiling() and _graph_reader.has_graph(model):
+        _check_backend(x)
+        return _run_graph(_graph_network(model, x, None), x, mode, output, method)
+    try:
+        net = network_of(model)
+    except UnsupportedModelError as chain_error:
+        graph = _graph_network(model, x, chain_error)
+        _check_backend(x)
+        return _run_graph(graph, x, mode, output, method)
     _check_network(net, x)
     _check_backend(x)
     net = _select_output(net, output)
@@ -161,20 +255,7 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         return torch.ops.hessmlp.mlp_jet(xc, net.weights, biases, net.stage_sizes, net.act_codes,
                                          net.act_params, mode, method, save)[:3]
 
-    if rows >= B:
-        value, jac, hess = run(xb)
-    else:
-        parts = [run(xc) for xc in xb.split(rows)]
-        value, jac, hess = (torch.cat([p[k] for p in parts]) for k in range(3))
-    if mode == "none":
-        hess = None
-    if output is not None:
-        value, jac = value[:, 0], jac[:, 0]
-        hess = None if hess is None else hess[:, 0]
-    if not batched:
-        value, jac = value[0], jac[0]
-        hess = None if hess is None else hess[0]
-    return Jet(value, jac, hess)
+    return _jet_of_calls(run, xb, rows, mode, output, batched)
 
 
 def jet(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile

@@ -166,18 +166,7 @@ def jet_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optio
         u = s
         U = s1.unsqueeze(-1) * T
         V = s2.unsqueeze(-1) * phi + s1.unsqueeze(-1) * S
-    value, jac = u, U
-    if mode == "full":
-        H = x.new_zeros(B, u.shape[1], d, d)
-        for p, (i, j) in enumerate(pairs):
-            H[:, :, i, j] = V[:, :, p]
-            H[:, :, j, i] = V[:, :, p]
-        return value, jac, H
-    if mode == "diag":
-        return value, jac, V
-    if mode == "trace":
-        return value, jac, V[:, :, 0]
-    return value, jac, None
+    return _unpacked(mode, pairs, u, U, V)
 
 
 def hessian_reverse(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],

@@ -254,3 +254,65 @@ def test_refusals_name_the_cause(forward, match):
     model.l = nn.Linear(3, 3)
     with pytest.raises(UnsupportedModelError, match=match):
         graph_of(model.double(), 3)
+
+
+# ---- through the public functions -----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_public_functions_on_a_graph_network(dtype):
+    torch.manual_seed(1)
+    model = PFNN().to(dtype)  # 3 outputs
+    x = torch.randn(6, 3, dtype=dtype)
+    f = lambda xi: model(xi.unsqueeze(0))[0]  # noqa: E731
+    hess = torch.func.vmap(torch.func.hessian(f))(x).detach()
+    jac = torch.func.vmap(torch.func.jacrev(f))(x).detach()
+    diag = hess.diagonal(dim1=-2, dim2=-1)
+    assert_rel_close(hessmlp.hessian(model, x), hess, dtype, "hessian")
+    assert_rel_close(hessmlp.hessian_diag(model, x), diag, dtype, "diag")
+    assert_rel_close(hessmlp.laplacian(model, x), diag.sum(-1), dtype, "laplacian")
+    assert_rel_close(hessmlp.jacobian(model, x), jac, dtype, "jacobian")
+    assert_rel_close(hessmlp.hessian(model, x, output=-1), hess[:, 2], dtype, "output=-1")
+    assert_rel_close(hessmlp.hessian(model, x[0]), hess[0], dtype, "unbatched")
+    r = hessmlp.jet(model, x, hessian=None, output=1)
+    assert r.hessian is None and r.value.shape == (6,)
+    with hessmlp.memory_budget(200_000):  # in chunks of samples
+        assert_rel_close(hessmlp.hessian(model, torch.cat([x] * 40)), torch.cat([hess] * 40), dtype,
+                         "chunks")
+
+
+def test_graph_network_refusals_through_the_public_functions():
+    model = ResidualPINN().double()
+    x = torch.randn(3, 3, dtype=f64)
+    with pytest.raises(ValueError, match="method='reverse' serves chains"):
+        hessmlp.hessian(model, x, method="reverse")
+    with pytest.raises(TypeError, match="x is torch.float32 but a tensor of"):
+        hessmlp.hessian(model, x.float())
+    with pytest.raises(ValueError, match="out of range"):
+        hessmlp.hessian(model, x, output=1)
+    compiled = torch.compile(lambda x: hessmlp.laplacian(model, x), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="outside torch.compile"):
+        compiled(x)
+
+
+def test_graph_structure_is_cached_and_follows_changes():
+    residual = ResidualPINN(alpha=0.5).double()
+    hessmlp.hessian(residual, torch.randn(3, 3, dtype=f64))
+    assert "_hessmlp_graph" in residual.__dict__  # (read once, while the model stays as it is)
+    residual.alpha = 0.25  # a plain attribute: part of the fingerprint
+    x3 = torch.randn(3, 3, dtype=f64)
+    f = lambda xi: residual(xi.unsqueeze(0))[0]  # noqa: E731
+    assert_rel_close(hessmlp.hessian(residual, x3), torch.func.vmap(torch.func.hessian(f))(x3).detach(),
+                     f64, "alpha changed")
+
+    model = AdaptivePINN().double()  # (ub - lb is computed by fx while tracing: read every call)
+    x = torch.randn(3, 2, dtype=f64)
+    h1 = hessmlp.hessian(model, x)
+    assert "_hessmlp_graph" not in model.__dict__
+    with torch.no_grad():
+        model.a.mul_(2.0)  # a learnable slope: a tensor of the op, read every call
+        model.lb.add_(0.5)  # a buffer (in place: its version changes the fingerprint)
+    f = lambda xi: model(xi.unsqueeze(0))[0]  # noqa: E731
+    want = torch.func.vmap(torch.func.hessian(f))(x).detach()
+    h2 = hessmlp.hessian(model, x)
+    assert not torch.allclose(h1, h2)
+    assert_rel_close(h2, want, f64, "after changes")
