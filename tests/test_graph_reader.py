@@ -316,3 +316,46 @@ def test_graph_structure_is_cached_and_follows_changes():
     h2 = hessmlp.hessian(model, x)
     assert not torch.allclose(h1, h2)
     assert_rel_close(h2, want, f64, "after changes")
+
+
+# ---- hessmlp.nn's graph modules ---------------------------------------------------------------
+
+@pytest.mark.parametrize("make, d", [
+    (lambda: hessmlp.ResidualMLP(3, width=12, blocks=2), 3),
+    (lambda: hessmlp.ResidualMLP(2, width=8, blocks=1, out_features=2, activation="silu"), 2),
+    (lambda: nn.Sequential(hessmlp.FourierFeatures(2, features=6, sigma=2.0),
+                           hessmlp.MLP(12, [16], 1)), 2),
+    (lambda: nn.Sequential(hessmlp.FourierFeatures(3, "positional", frequencies=3, include_input=True),
+                           hessmlp.MLP(21, [16, 16], 1, activation=nn.Softplus(beta=100))), 3),
+    (lambda: hessmlp.ModifiedMLP(2, width=10, depth=3), 2),
+    (lambda: hessmlp.MLP(2, [16, 16], 1, adaptive="layer"), 2),
+    (lambda: hessmlp.MLP(2, [16, 16], 1, adaptive="neuron", activation="sin"), 2),
+], ids=["residual", "residual_silu_m2", "fourier", "positional_sdf", "modified", "adaptive_layer",
+        "adaptive_neuron"])
+def test_hessmlp_nn_graph_modules(make, d):
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(5, d, dtype=f64)
+    f = lambda xi: model(xi.unsqueeze(0))[0]  # noqa: E731
+    hess = torch.func.vmap(torch.func.hessian(f))(x).detach()
+    assert_rel_close(hessmlp.hessian(model, x), hess, f64, "hessian")
+    params = dict(model.named_parameters())
+
+    def loss(p):
+        g = lambda xi: torch.func.functional_call(model, p, (xi.unsqueeze(0),))[0]  # noqa: E731
+        return (torch.func.vmap(torch.func.hessian(g))(x).diagonal(dim1=-2, dim2=-1).sum(-1) ** 2).sum()
+
+    want = torch.func.grad(loss)({k: v.detach() for k, v in params.items()})
+    (hessmlp.laplacian(model, x) ** 2).sum().backward()
+    for k, p in params.items():
+        assert_rel_close(p.grad, want[k], f64, f"grad {k}")
+
+
+def test_hessmlp_nn_arguments_are_checked():
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        hessmlp.ResidualMLP(3, width=0)
+    with pytest.raises(ValueError, match="kind must be 'random' or 'positional'"):
+        hessmlp.FourierFeatures(2, kind="gaussian")
+    with pytest.raises(ValueError, match="per must be 'layer' or 'neuron'"):
+        hessmlp.MLP(2, [4], 1, adaptive="global")
+    assert hessmlp.FourierFeatures(3, "positional", frequencies=2, include_input=True).out_features == 15
