@@ -31,10 +31,19 @@ Record = Tuple[str, str, Tuple[int, ...], object]
 
 
 class _FxGraph(_FxChain):
-    def records(self) -> List[Record]:
-        inp, nodes = self._walk()
+    def records(self, input_widths: Optional[Tuple[int, ...]] = None) -> List[Record]:
+        """input_widths: forward(self, x, t, ...) takes several tensors, of these widths: each is
+        a slice of the one input (their concatenation) the Hessian is taken w.r.t."""
+        n_inputs = 1 if input_widths is None else len(input_widths)
+        inp, nodes = self._walk(n_inputs)
         self.recs: List[Record] = [("input", "", (), None)]
-        self.env = {inp: 0}
+        if n_inputs == 1:
+            self.env = {inp: 0}
+        else:
+            self.env, start = {}, 0
+            for p, w in zip(inp, input_widths):
+                self.env[p] = self._add("slice", self._where(p), (0,), (start, start + w, 1))
+                start += w
         self.derived = set()  # nodes computed from parameters and buffers alone
         for node in nodes:
             if node.op == "output":
@@ -305,7 +314,10 @@ class _Chain:
         return ids[-1]
 
 
-def _records(model: nn.Module) -> List[Record]:
+def _records(model: nn.Module, input_widths=None) -> List[Record]:
+    if input_widths is not None:
+        _check_hooks(model, type(model).__name__)
+        return _FxGraph(model, type(model).__name__).records(tuple(input_widths))
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
         chain = _Chain()
         chain.sequential(0, model, "model", "")
@@ -319,35 +331,38 @@ def _literal(spec) -> bool:
         spec[0] == "literal" or any(_literal(s) for s in spec[1:] if isinstance(s, tuple)))
 
 
-def cached_records(model: nn.Module) -> List[Record]:
+def cached_records(model: nn.Module, input_widths=None) -> List[Record]:
     """The records of ``model``, read again when its fingerprint (_spec._fingerprint) or a
     scalar read as a constant changed; never kept when fx computed a tensor while tracing
     (its source is unknown: read every call)."""
     _check_global_hooks()
-    fp = _fingerprint(model)
+    fp = (_fingerprint(model), None if input_widths is None else tuple(input_widths))
     cache = model.__dict__.get(_GRAPH_CACHE_ATTR)
     if cache is not None and cache[0] == fp and all(
             _same(float(_get(model, item[0]).item()), item[1])
             for kind, _, _, item in cache[1] if kind == "const"):
         return cache[1]
-    recs = _records(model)
+    recs = _records(model, input_widths)
     if not any(_literal(p) for _, _, _, payload in recs if isinstance(payload, tuple) for p in payload):
         model.__dict__[_GRAPH_CACHE_ATTR] = (fp, recs)
     return recs
 
 
 def has_graph(model: nn.Module) -> bool:
-    """Whether ``model``'s structure is cached as a graph and still current (cheap)."""
-    cache = getattr(model, "_orig_mod", model).__dict__.get(_GRAPH_CACHE_ATTR)
-    return cache is not None and cache[0] == _fingerprint(getattr(model, "_orig_mod", model))
+    """Whether ``model``'s structure is cached as a graph of one input and still current
+    (cheap)."""
+    model = getattr(model, "_orig_mod", model)
+    cache = model.__dict__.get(_GRAPH_CACHE_ATTR)
+    return cache is not None and cache[0] == (_fingerprint(model), None)
 
 
-def graph_of(model: nn.Module, d: int) -> Graph:
-    """The graph network of ``model`` for inputs of d features, with its current tensors."""
+def graph_of(model: nn.Module, d: int, input_widths=None) -> Graph:
+    """The graph network of ``model`` for inputs of d features, with its current tensors;
+    input_widths: the widths of the forward's several tensor inputs (d their sum)."""
     model = getattr(model, "_orig_mod", model)
     g = GraphBuilder(d)
     ids: List[int] = []
-    for kind, where, inputs, payload in cached_records(model):
+    for kind, where, inputs, payload in cached_records(model, input_widths):
         ins = [ids[i] for i in inputs]
         if kind == "input":
             ids.append(0)

@@ -508,10 +508,10 @@ class _FxChain:
             return isinstance(node.args[0], fx.Node) and node.args[0] in self.meta
         return False
 
-    def _walk(self):
-        """(the input node, the nodes that compute something, the output node last): the
-        placeholders of arguments traced at their defaults, metadata reads and constants
-        (self.meta, self.values) left out."""
+    def _walk(self, n_inputs: int = 1):
+        """(the input node, or the list of n_inputs > 1 input nodes; the nodes that compute
+        something, the output node last): the placeholders of arguments traced at their
+        defaults, metadata reads and constants (self.meta, self.values) left out."""
         nodes = list(self.graph.nodes)
         # Placeholders of arguments traced at their defaults (they carry that default), and
         # the checks fx adds for them.
@@ -522,8 +522,12 @@ class _FxChain:
                 fixed.add(n)
         nodes = [n for n in nodes if n not in fixed]
         inputs = [n for n in nodes if n.op == "placeholder"]
-        if len(inputs) != 1:
+        if len(inputs) != n_inputs:
             names = ", ".join(n.target for n in inputs)
+            if n_inputs > 1:
+                raise UnsupportedModelError(
+                    f"hessmlp: {self.name}.forward takes {len(inputs)} tensor inputs ({names}) but x "
+                    f"has {n_inputs} parts; pass one tensor per input, as a tuple")
             raise UnsupportedModelError(
                 f"hessmlp: {self.name}.forward takes {len(inputs)} inputs ({names}); hessmlp "
                 "differentiates w.r.t. exactly one tensor input. Concatenate the inputs into one x "
@@ -542,7 +546,7 @@ class _FxChain:
             work.append(node)
             if node.op == "output":
                 break
-        return inputs[0], work
+        return (inputs[0] if n_inputs == 1 else inputs), work
 
     def steps(self) -> List[Step]:
         inp, nodes = self._walk()

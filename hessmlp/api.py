@@ -129,7 +129,25 @@ def _check_context() -> None:
             "torch.autograd.grad(loss, params) for gradients (torch.compile works too).")
 
 
-def _graph_network(model: nn.Module, x: torch.Tensor, chain_error: Optional[Exception]):
+def _joined_inputs(parts):
+    """x given as (x, t, ...) for a forward of several tensor inputs: their concatenation along
+    the features, and their widths."""
+    if len(parts) < 2:
+        raise ValueError("hessmlp: x given as a tuple must have two or more tensors, one per input "
+                         "of the model's forward")
+    for i, t in enumerate(parts):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"hessmlp: x[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    dims = {t.dim() for t in parts}
+    if len(dims) != 1 or dims.pop() not in (1, 2) or (parts[0].dim() == 2 and len(
+            {t.shape[0] for t in parts}) != 1):
+        raise ValueError("hessmlp: the tensors of x must all have shape (B, d_i) with one B, or all "
+                         f"(d_i,); got {[tuple(t.shape) for t in parts]}")
+    return torch.cat(parts, dim=-1), tuple(t.shape[-1] for t in parts)
+
+
+def _graph_network(model: nn.Module, x: torch.Tensor, chain_error: Optional[Exception],
+                   input_widths=None):
     """The graph of a model that is not a chain (docs/design.md §9), checked against x."""
     from . import _graph_reader
 
@@ -139,7 +157,7 @@ def _graph_network(model: nn.Module, x: torch.Tensor, chain_error: Optional[Exce
             "not compile yet; call hessmlp on it outside torch.compile") from chain_error
     d = x.shape[-1]
     try:
-        graph = _graph_reader.graph_of(model, d)
+        graph = _graph_reader.graph_of(model, d, input_widths)
     except ValueError as e:  # (UnsupportedModelError included)
         raise e from None
     if not any(node.kind == "linear" for node in graph.nodes):
@@ -215,12 +233,23 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     from . import _graph_reader
 
     _check_context()
+    input_widths = None
+    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        # forward(self, x, t, ...): w.r.t. their concatenation
+        x, input_widths = _joined_inputs(x)
     x = _check_x(x)
     if not (hessian is None or isinstance(hessian, str)) or hessian not in _MODES:
         raise ValueError(f"hessmlp: hessian must be 'full', 'diag', 'trace' or None, got {hessian!r}")
     mode = _MODES[hessian]
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
+    if input_widths is not None:
+        if torch.compiler.is_compiling():
+            raise UnsupportedModelError("hessmlp: several inputs are not supported under "
+                                        "torch.compile yet; call hessmlp eagerly")
+        graph = _graph_network(model, x, None, input_widths)
+        _check_backend(x)
+        return _run_graph(graph, x, mode, output, method)
     if not torch.compiler.is_compiling() and _graph_reader.has_graph(model):
         _check_backend(x)
         return _run_graph(_graph_network(model, x, None), x, mode, output, method)

@@ -359,3 +359,30 @@ def test_hessmlp_nn_arguments_are_checked():
     with pytest.raises(ValueError, match="per must be 'layer' or 'neuron'"):
         hessmlp.MLP(2, [4], 1, adaptive="global")
     assert hessmlp.FourierFeatures(3, "positional", frequencies=2, include_input=True).out_features == 15
+
+
+class SpaceTime(nn.Module):
+    """forward(self, x, t): the two inputs concatenated, and t again in a hard constraint."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = hessmlp.MLP(3, [16, 16], 1)
+
+    def forward(self, x, t):
+        return t * self.net(torch.cat([x, t], dim=1)) + torch.sin(x[:, :1])
+
+
+def test_several_inputs():
+    torch.manual_seed(0)
+    model = SpaceTime().double()
+    x, t = torch.randn(5, 2, dtype=f64), torch.rand(5, 1, dtype=f64)
+    f = lambda z: model(z[:2].unsqueeze(0), z[2:].unsqueeze(0))[0]  # noqa: E731
+    z = torch.cat([x, t], 1)
+    hess = torch.func.vmap(torch.func.hessian(f))(z).detach()
+    assert_rel_close(hessmlp.hessian(model, (x, t)), hess, f64, "(x, t)")
+    assert_rel_close(hessmlp.laplacian(model, (x[0], t[0])), hess[0].diagonal(dim1=-2, dim2=-1).sum(-1),
+                     f64, "unbatched")
+    with pytest.raises(ValueError, match="one B"):
+        hessmlp.hessian(model, (x, t[:2]))
+    with pytest.raises(UnsupportedModelError, match="takes 2 tensor inputs"):
+        hessmlp.hessian(model, (x[:, :1], x[:, 1:], t))
