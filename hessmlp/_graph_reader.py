@@ -20,8 +20,8 @@ from torch import fx, nn
 from ._graph import Graph, GraphBuilder
 from .nn import Sine
 from ._spec import (_ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _GRAPH_CACHE_ATTR, _RESHAPES,
-                    Act, _FxChain, _check_global_hooks, _check_hooks, _fingerprint, _get, _join,
-                    _module_steps, _refuse, _same, _weight, UnsupportedModelError)
+                    Act, _FxChain, _cached, _check_global_hooks, _check_hooks, _fingerprint, _get,
+                    _join, _module_steps, _refuse, _weight, UnsupportedModelError)
 
 __all__ = ["graph_of"]
 
@@ -273,7 +273,7 @@ def _resolve(model: nn.Module, spec):
     if isinstance(spec, (int, float)):
         return float(spec)
     if isinstance(spec, tuple) and spec[0] == "neg":
-        return -_resolve(model, spec[1]) if not isinstance(spec[1], float) else -spec[1]
+        return -_resolve(model, spec[1])
     if isinstance(spec, tuple) and spec[0] == "recip":
         return 1.0 / _resolve(model, spec[1])
     t = _tensor(model, spec)
@@ -331,38 +331,33 @@ def _literal(spec) -> bool:
         spec[0] == "literal" or any(_literal(s) for s in spec[1:] if isinstance(s, tuple)))
 
 
-def cached_records(model: nn.Module, input_widths=None) -> List[Record]:
+def cached_records(model: nn.Module, input_widths=None, read: bool = True) -> Optional[List[Record]]:
     """The records of ``model``, read again when its fingerprint (_spec._fingerprint) or a
     scalar read as a constant changed; never kept when fx computed a tensor while tracing
-    (its source is unknown: read every call)."""
-    _check_global_hooks()
-    fp = (_fingerprint(model), None if input_widths is None else tuple(input_widths))
-    cache = model.__dict__.get(_GRAPH_CACHE_ATTR)
-    if cache is not None and cache[0] == fp and all(
-            _same(float(_get(model, item[0]).item()), item[1])
-            for kind, _, _, item in cache[1] if kind == "const"):
-        return cache[1]
-    recs = _records(model, input_widths)
-    if not any(_literal(p) for _, _, _, payload in recs if isinstance(payload, tuple) for p in payload):
-        model.__dict__[_GRAPH_CACHE_ATTR] = (fp, recs)
-    return recs
-
-
-def has_graph(model: nn.Module) -> bool:
-    """Whether ``model``'s structure is cached as a graph of one input and still current
-    (cheap)."""
+    (its source is unknown: read every call). read=False: the kept records while they are
+    current, else None (cheap: no tracing)."""
     model = getattr(model, "_orig_mod", model)
-    cache = model.__dict__.get(_GRAPH_CACHE_ATTR)
-    return cache is not None and cache[0] == (_fingerprint(model), None)
+    if not read and _GRAPH_CACHE_ATTR not in model.__dict__:
+        return None
+    _check_global_hooks()
+    key = (_fingerprint(model), None if input_widths is None else tuple(input_widths))
+    keep = lambda recs: not any(_literal(p) for _, _, _, payload in recs  # noqa: E731
+                                if isinstance(payload, tuple) for p in payload)
+    return _cached(model, _GRAPH_CACHE_ATTR, key,
+                   lambda recs: (item for kind, _, _, item in recs if kind == "const"),
+                   (lambda: _records(model, input_widths)) if read else None, keep)
 
 
-def graph_of(model: nn.Module, d: int, input_widths=None) -> Graph:
+def graph_of(model: nn.Module, d: int, input_widths=None, records=None) -> Graph:
     """The graph network of ``model`` for inputs of d features, with its current tensors;
-    input_widths: the widths of the forward's several tensor inputs (d their sum)."""
+    input_widths: the widths of the forward's several tensor inputs (d their sum); records:
+    cached_records' (read here when not given)."""
     model = getattr(model, "_orig_mod", model)
     g = GraphBuilder(d)
     ids: List[int] = []
-    for kind, where, inputs, payload in cached_records(model, input_widths):
+    if records is None:
+        records = cached_records(model, input_widths)
+    for kind, where, inputs, payload in records:
         ins = [ids[i] for i in inputs]
         if kind == "input":
             ids.append(0)

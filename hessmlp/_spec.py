@@ -815,16 +815,27 @@ def _compute_steps(model: nn.Module) -> Tuple[Step, ...]:
     return tuple(_FxChain(model, type(model).__name__).steps())
 
 
+def _cached(model: nn.Module, attr: str, key, consts, compute=None, keep=lambda value: True):
+    """A structure kept on the model in attr with the key it was read under (its fingerprint):
+    the kept one while the key is the same and every (path, value) of consts(it), the scalars
+    read as constants, still holds (compared by value: writes through .data keep the
+    version); else compute() (None: no computing, None back), kept when keep(it)."""
+    cache = model.__dict__.get(attr)
+    if cache is not None and cache[0] == key and all(
+            _same(float(_get(model, path).item()), value) for path, value in consts(cache[1])):
+        return cache[1]
+    if compute is None:
+        return None
+    value = compute()
+    if keep(value):
+        model.__dict__[attr] = (key, value)
+    return value
+
+
 def _cached_steps(model: nn.Module) -> Tuple[Step, ...]:
-    fp = _fingerprint(model)
-    cache = model.__dict__.get(_CACHE_ATTR)
-    if cache is not None and cache[0] == fp and all(
-            _same(float(_get(model, path).item()), value)
-            for kind, _, (path, value) in (st for st in cache[1] if st[0] == "const")):
-        return cache[1]  # (constants compared by value: writes through .data keep the version)
-    steps = _compute_steps(model)
-    model.__dict__[_CACHE_ATTR] = (fp, steps)
-    return steps
+    return _cached(model, _CACHE_ATTR, _fingerprint(model),
+                   lambda steps: (item for kind, _, item in steps if kind == "const"),
+                   lambda: _compute_steps(model))
 
 
 _constant_steps = torch.compiler.assume_constant_result(_cached_steps)

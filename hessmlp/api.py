@@ -79,17 +79,20 @@ def _check_network(net: Network, x: torch.Tensor) -> None:
                 f"pass x as {value} (and the model in {value})")
 
 
-def _select_output(net: Network, output) -> Network:
-    if output is None:
-        return net
-    m = net.weights[-1].shape[0]
+def _output_index(output, m: int) -> int:
+    """output=k checked against the model's m outputs, as an index in 0 .. m - 1."""
     if isinstance(output, bool) or not isinstance(output, numbers.Integral):
         raise TypeError(f"hessmlp: output must be an int (an index into the {m} outputs) or None, "
                         f"got {type(output).__name__}")
     if not -m <= output < m:
         raise ValueError(f"hessmlp: output={output} is out of range for a model with {m} outputs")
-    output = int(output)
-    k = output % m
+    return int(output) % m
+
+
+def _select_output(net: Network, output) -> Network:
+    if output is None:
+        return net
+    k = _output_index(output, net.weights[-1].shape[0])
     b = net.biases[-1]
     return Network(net.weights[:-1] + [net.weights[-1][k:k + 1]],
                    net.biases[:-1] + [None if b is None else b[k:k + 1]], net.stages, net.where,
@@ -147,7 +150,7 @@ def _joined_inputs(parts):
 
 
 def _graph_network(model: nn.Module, x: torch.Tensor, chain_error: Optional[Exception],
-                   input_widths=None):
+                   input_widths=None, records=None):
     """The graph of a model that is not a chain (docs/design.md §9), checked against x."""
     from . import _graph_reader
 
@@ -157,7 +160,7 @@ def _graph_network(model: nn.Module, x: torch.Tensor, chain_error: Optional[Exce
             "not compile yet; call hessmlp on it outside torch.compile") from chain_error
     d = x.shape[-1]
     try:
-        graph = _graph_reader.graph_of(model, d, input_widths)
+        graph = _graph_reader.graph_of(model, d, input_widths, records)
     except ValueError as e:  # (UnsupportedModelError included)
         raise e from None
     if not any(node.kind == "linear" for node in graph.nodes):
@@ -186,15 +189,9 @@ def _run_graph(graph, x: torch.Tensor, mode: str, output, method: str) -> Jet:
     if method not in ("auto", "forward"):
         raise ValueError(f"hessmlp: method={method!r} serves chains of layers only; a graph network "
                          "(residual, concatenation, products) takes method='forward' or 'auto'")
-    m = graph.m
-    if output is not None:
-        if isinstance(output, bool) or not isinstance(output, numbers.Integral):
-            raise TypeError(f"hessmlp: output must be an int (an index into the {m} outputs) or None, "
-                            f"got {type(output).__name__}")
-        if not -m <= output < m:
-            raise ValueError(f"hessmlp: output={output} is out of range for a model with {m} outputs")
-        last = len(graph.nodes) - 1
-        graph = Graph(graph.nodes + [Node("select", (last,), 1, index=(int(output) % m,))], graph.tensors)
+    if output is not None:  # a last node selecting output k
+        k = _output_index(output, graph.m)
+        graph = Graph(graph.nodes + [Node("select", (len(graph.nodes) - 1,), 1, index=(k,))], graph.tensors)
     batched = x.dim() == 2
     xb = x if batched else x.unsqueeze(0)
     B, d = xb.shape
@@ -250,9 +247,10 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         graph = _graph_network(model, x, None, input_widths)
         _check_backend(x)
         return _run_graph(graph, x, mode, output, method)
-    if not torch.compiler.is_compiling() and _graph_reader.has_graph(model):
+    records = None if torch.compiler.is_compiling() else _graph_reader.cached_records(model, read=False)
+    if records is not None:  # (a graph network read before, and still the same)
         _check_backend(x)
-        return _run_graph(_graph_network(model, x, None), x, mode, output, method)
+        return _run_graph(_graph_network(model, x, None, records=records), x, mode, output, method)
     try:
         net = network_of(model)
     except UnsupportedModelError as chain_error:
