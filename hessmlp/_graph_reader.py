@@ -20,13 +20,19 @@ from torch import fx, nn
 from ._graph import Graph, GraphBuilder
 from .nn import Sine
 from ._spec import (_ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _GRAPH_CACHE_ATTR, _RESHAPES,
-                    Act, _FxChain, _cached, _check_global_hooks, _check_hooks, _fingerprint, _get,
-                    _join, _module_steps, _refuse, _weight, UnsupportedModelError)
+                    Act, _FxChain, _cached, _cached_steps, _check_global_hooks, _check_hooks, _fingerprint, _get,
+                    _join, _module_steps, _refuse, _weight, UnsupportedModelError, check_compiled_key,
+                    check_constant)
 
 __all__ = ["graph_of"]
 
 # A record: (kind, where, inputs (record indices), payload). Tensor specs in payloads: a path,
-# ("t", path) (a transpose), ("weight_norm", ...) (_spec._weight), ("neg", spec), ("recip", spec).
+# ("t", spec) (a transpose), ("weight_norm", ...) (_spec._weight), ("neg", spec), ("recip", spec),
+# ("literal", tensor) (a tensor fx computed while tracing), ("expr", e) (a tensor computed from
+# parameters and buffers alone). Records are plain data (no fx objects), so that compiled code
+# takes them as a constant: e is ("attr", path) | ("literal", tensor) | ("call", function name
+# (_FUNCTIONS), args, kwargs) | ("method", name, args, kwargs), args a tuple and kwargs a tuple of (name, value)
+# pairs whose values are expressions or plain Python values.
 Record = Tuple[str, str, Tuple[int, ...], object]
 
 
@@ -62,7 +68,8 @@ class _FxGraph(_FxChain):
                 self.derived.add(node)
                 continue
             self.env[node] = self._read(node)
-        return self.recs + [("const", w, (), item) for _, w, item in self.consts]
+        return self.recs + [("const", w, (), item) for _, w, item in self.consts] + [
+            ("literal", w, (), t) for w, t in self.literal_reads]
 
     # ---- helpers
     def _add(self, kind: str, where: str, inputs: Tuple[int, ...], payload=None) -> int:
@@ -73,10 +80,10 @@ class _FxGraph(_FxChain):
         return isinstance(v, fx.Node) and v in self.env
 
     def _tensor_spec(self, v):
-        """A parameter or buffer operand (get_attr): its path; a tensor computed from them: ("fx",
-        the reader, the node); else None."""
+        """A parameter or buffer operand (get_attr): its path; a tensor computed from them:
+        ("expr", its expression); else None."""
         if isinstance(v, fx.Node) and v in self.derived:
-            return ("fx", self, v)
+            return ("expr", self._expr(v))
         if isinstance(v, fx.Node) and v.op == "get_attr" and v.target in self.literals and \
                 isinstance(self.literals[v.target], torch.Tensor) and self.literals[v.target].numel() > 1 \
                 and self.literals[v.target].is_floating_point():
@@ -107,6 +114,28 @@ class _FxGraph(_FxChain):
         if acts:
             h = self._add("stage", where, (h,), tuple(acts))
         return h
+
+    def _expr(self, v):
+        """The plain expression of a value of parameters and buffers alone (see Record)."""
+        if isinstance(v, (tuple, list)):
+            return type(v)(self._expr(a) for a in v)
+        if isinstance(v, dict):
+            return {k: self._expr(a) for k, a in v.items()}
+        if not isinstance(v, fx.Node):
+            return v
+        if v in self.values:
+            return self.values[v]
+        if v.op == "get_attr":
+            if v.target in self.literals:
+                return ("literal", self.literals[v.target])
+            return ("attr", _join(self.path, v.target))
+        if v.op not in ("call_function", "call_method") or v not in self.derived:
+            raise _refuse(self._where(v), "a tensor computed from parameters in a way hessmlp cannot "
+                          "replay")
+        kwargs = tuple((k, self._expr(a)) for k, a in v.kwargs.items())
+        if v.op == "call_method":
+            return ("method", v.target, self._expr(v.args), kwargs)
+        return ("call", _function_name(v.target), self._expr(v.args), kwargs)
 
     # ---- one fx node
     def _read(self, node: fx.Node) -> int:
@@ -149,7 +178,7 @@ class _FxGraph(_FxChain):
         if (fn is torch.index_select or name == "index_select") and self._computed(args[0]):
             a = self._bind(node, args, kwargs, ("input", "dim", "index"), {})
             spec = self._tensor_spec(a["index"])
-            if a["dim"] not in (1, -1) or spec is None or spec[0] in ("fx", "literal"):
+            if a["dim"] not in (1, -1) or spec is None or spec[0] in ("expr", "literal"):
                 raise _refuse(where, "index_select other than of features by an index buffer")
             # (The indices are read once, with the structure.)
             return self._add("select", where, (self.env[args[0]],),
@@ -192,7 +221,7 @@ class _FxGraph(_FxChain):
     def _operand(self, v, node: fx.Node, op: str):
         """A constant operand: a float, or a tensor spec."""
         spec = self._tensor_spec(v)
-        if spec is not None and spec[0] in ("fx", "literal"):
+        if spec is not None and spec[0] in ("expr", "literal"):
             return spec
         if spec is not None and self._attr(v).numel() > 1:
             return spec
@@ -244,24 +273,50 @@ class _FxGraph(_FxChain):
         raise _refuse(where, op)
 
 
-def _evaluate(reader: _FxGraph, node):
-    """A node of parameters and buffers alone, computed with the current ones (differentiably)."""
-    if not isinstance(node, fx.Node):
-        return node
-    if node.op == "get_attr":
-        return reader._attr(node)
-    if node in reader.values:
-        return reader.values[node]
-    args = fx.node.map_aggregate(node.args, lambda a: _evaluate(reader, a))
-    kwargs = fx.node.map_aggregate(node.kwargs, lambda a: _evaluate(reader, a))
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+# The functions expressions call, by name: records hold names (strings are constants to
+# dynamo; a function object held in a constant is not always callable there).
+_FUNCTIONS: dict = {}
+
+
+def _function_name(fn) -> str:
+    name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', repr(fn))}"
+    key, n = name, 1
+    while _FUNCTIONS.get(key, fn) is not fn:
+        n += 1
+        key = f"{name}#{n}"
+    _FUNCTIONS[key] = fn
+    return key
+
+
+def _evaluate(model: nn.Module, e, top: bool = True):
+    """An expression of parameters and buffers alone (see Record), computed with the current
+    ones (differentiably)."""
+    if isinstance(e, list):
+        return [_evaluate(model, a, False) for a in e]
+    if isinstance(e, dict):
+        return {k: _evaluate(model, a, False) for k, a in e.items()}
+    if not isinstance(e, tuple):
+        return e
+    if not top and not (e and isinstance(e[0], str) and e[0] in _EXPR_KINDS):
+        return tuple(_evaluate(model, a, False) for a in e)  # a tuple argument (dims)
+    kind = e[0]
+    if kind == "attr":
+        return _get(model, e[1])
+    if kind == "literal":
+        return e[1]
+    args = [_evaluate(model, a, False) for a in e[2]]
+    kwargs = {k: _evaluate(model, a, False) for k, a in e[3]}
+    if kind == "method":
+        return getattr(args[0], e[1])(*args[1:], **kwargs)
+    return _FUNCTIONS[e[1]](*args, **kwargs)
+
+
+_EXPR_KINDS = ("attr", "literal", "call", "method")
 
 
 def _tensor(model: nn.Module, spec):
-    if isinstance(spec, tuple) and spec[0] == "fx":
-        return _evaluate(spec[1], spec[2])
+    if isinstance(spec, tuple) and spec[0] == "expr":
+        return _evaluate(model, spec[1])
     if isinstance(spec, tuple) and spec[0] == "literal":
         return spec[1]
     if isinstance(spec, tuple) and spec[0] == "t":
@@ -307,7 +362,7 @@ class _Chain:
     def splice(self, h: int, recs: List[Record]) -> int:
         ids = [h]
         for kind, where, inputs, payload in recs[1:]:
-            if kind == "const":
+            if kind in ("const", "literal"):
                 self.consts.append((kind, where, inputs, payload))
                 continue
             ids.append(self._add(kind, where, tuple(ids[i] for i in inputs), payload))
@@ -327,8 +382,12 @@ def _records(model: nn.Module, input_widths=None) -> List[Record]:
 
 
 def _literal(spec) -> bool:
-    return isinstance(spec, tuple) and bool(spec) and (
-        spec[0] == "literal" or any(_literal(s) for s in spec[1:] if isinstance(s, tuple)))
+    """Whether a payload holds a tensor fx computed while tracing."""
+    if isinstance(spec, torch.Tensor):
+        return True
+    if isinstance(spec, dict):
+        spec = tuple(spec.values())
+    return isinstance(spec, (tuple, list)) and any(_literal(s) for s in spec)
 
 
 def cached_records(model: nn.Module, input_widths=None, read: bool = True) -> Optional[List[Record]]:
@@ -341,8 +400,7 @@ def cached_records(model: nn.Module, input_widths=None, read: bool = True) -> Op
         return None
     _check_global_hooks()
     key = (_fingerprint(model), None if input_widths is None else tuple(input_widths))
-    keep = lambda recs: not any(_literal(p) for _, _, _, payload in recs  # noqa: E731
-                                if isinstance(payload, tuple) for p in payload)
+    keep = lambda recs: not any(_literal(payload) for _, _, _, payload in recs)  # noqa: E731
     return _cached(model, _GRAPH_CACHE_ATTR, key,
                    lambda recs: (item for kind, _, _, item in recs if kind == "const"),
                    (lambda: _records(model, input_widths)) if read else None, keep)
@@ -388,5 +446,51 @@ def graph_of(model: nn.Module, d: int, input_widths=None, records=None) -> Graph
                     f"model's ({n} features there)")
             ids.append(ins[0])
         elif kind == "const":
+            if torch.compiler.is_compiling():
+                check_constant(model, where, payload)
+            ids.append(-1)
+        elif kind == "literal":
             ids.append(-1)
     return g.build()
+
+
+def _structure(model: nn.Module, input_widths=None):
+    """("chain", steps) for a chain (_spec's), ("graph", records) for a graph network, or the
+    refusal: what the public functions compute for ``model`` (eager: kept on the model)."""
+    if input_widths is None:
+        try:
+            return "chain", _cached_steps(model)
+        except UnsupportedModelError as chain_error:
+            try:
+                records = cached_records(model)
+            except ValueError as e:  # (UnsupportedModelError included)
+                raise e from None
+            if not any(kind == "linear" for kind, *_ in records):
+                raise chain_error
+            return "graph", records
+    return "graph", cached_records(model, input_widths)
+
+
+def _compiled(model: nn.Module, input_widths=None):
+    kind, structure = _structure(model, input_widths)
+    if kind == "graph":
+        for _, where, _, payload in structure:
+            if _literal(payload):
+                raise UnsupportedModelError(
+                    f"hessmlp: at {where} the forward uses a tensor that is neither a parameter nor "
+                    "a buffer of the model (a plain tensor attribute, or one the forward makes "
+                    "from a buffer's entries): compiled code cannot follow its value. Register it "
+                    "as a buffer (self.register_buffer('name', tensor)) or as a parameter, or "
+                    "call hessmlp outside torch.compile")
+    return kind, structure
+
+
+_constant_structure = torch.compiler.assume_constant_result(_compiled)
+
+
+def compiled_structure(model: nn.Module, input_widths=None):
+    """_structure under torch.compile: a constant of the compiled code, which dynamo guards on
+    (the model's key, _spec.check_compiled_key) and checks (scalars read as constants)."""
+    model = getattr(model, "_orig_mod", model)
+    check_compiled_key(model)
+    return _constant_structure(model, input_widths)

@@ -107,11 +107,11 @@ _CHAIN_ADVICE = ("hessmlp computes exact Hessians of chains Linear -> elementwis
 
 
 # Where the chain reader meets a graph network (a residual, a concatenation, a product, a
-# learnable or per-feature operand): the graph reader (hessmlp/_graph_reader.py) reads it
-# when hessmlp runs eagerly; under torch.compile it is refused for now.
-_GRAPH_ADVICE_SHORT = "hessmlp computes graph networks outside torch.compile only, for now"
-_GRAPH_ADVICE = (_GRAPH_ADVICE_SHORT + ": call hessmlp on this model eagerly (or write it as a chain "
-                 "Linear -> elementwise functions -> Linear, e.g. hessmlp.MLP)")
+# learnable or per-feature operand): the public functions then read the model with the graph
+# reader (hessmlp/_graph_reader.py), eagerly and under torch.compile alike; these messages
+# reach a user only for a model without any nn.Linear layer.
+_GRAPH_ADVICE_SHORT = "hessmlp reads such a model as a graph network (docs/design.md §9)"
+_GRAPH_ADVICE = (_GRAPH_ADVICE_SHORT + ", which needs at least one nn.Linear layer")
 
 
 def _refuse(where: str, what: str, advice: str = _CHAIN_ADVICE) -> UnsupportedModelError:
@@ -236,8 +236,9 @@ _TRACE_LOCK = threading.RLock()  # (re-entrant: a forward may call hessmlp itsel
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self):
+    def __init__(self, proxy_buffers: bool = False):
         super().__init__()
+        self.proxy_buffer_attributes = proxy_buffers
         self.record_stack_traces = True  # refusals name the user's source line
         self._owner = threading.get_ident()
 
@@ -357,7 +358,16 @@ class _FxChain:
         before = set(model.__dict__)
         try:
             with _TRACE_LOCK:
-                self.graph = _Tracer().trace(model, concrete_args=concrete or None)
+                try:
+                    # Buffers as get_attr nodes, so that what the forward computes from them
+                    # alone (ub - lb) is read as a computation, replayed with their values
+                    # of each call, not as a tensor fx computed once; a forward that iterates
+                    # over a buffer or branches on it is traced with them as plain tensors.
+                    self.graph = _Tracer(proxy_buffers=True).trace(model, concrete_args=concrete or None)
+                except Exception:
+                    for k in set(model.__dict__) - before:
+                        del model.__dict__[k]
+                    self.graph = _Tracer().trace(model, concrete_args=concrete or None)
         except Exception as e:  # fx raises many types for data-dependent control flow
             line = _user_line("".join(traceback.format_tb(e.__traceback__)))
             at = f" at {line}" if line else ""
@@ -377,6 +387,9 @@ class _FxChain:
         self.meta: set = set()  # nodes that only read metadata of a tensor (x.shape, x.dtype)
         self.consts: List[Step] = []  # tensors read as constants: ("const", where, (path, value))
         self.values: dict = {}  # constant nodes (torch.tensor(2.0, dtype=x.dtype)) -> their value
+        # Scalars read from tensors fx computed while tracing (a buffer's entries, iterated
+        # over): (where, the tensor); their source is unknown, so they are read every call.
+        self.literal_reads: List[Tuple[str, torch.Tensor]] = []
 
     def _where(self, node: fx.Node) -> str:
         """The innermost user module holding node, and the user's source line."""
@@ -412,6 +425,7 @@ class _FxChain:
         if isinstance(v, fx.Node) and v.op == "get_attr" and v.target in self.literals:
             t = self.literals[v.target]  # a tensor literal of the forward (torch.tensor(2.0))
             if t.numel() == 1 and t.dtype != torch.bool and not t.is_complex():
+                self.literal_reads.append((self._where(node), t))
                 return float(t.item())
             raise _refuse(self._where(node), f"a tensor literal of shape {tuple(t.shape)} and "
                           f"dtype {t.dtype}", "hessmlp reads real scalar constants there")
@@ -437,7 +451,7 @@ class _FxChain:
 
     def _learnable(self, node: fx.Node, name: str) -> UnsupportedModelError:
         return _refuse(self._where(node), f"a learnable scalar '{name}' (an adaptive activation)",
-                       "hessmlp reads this as a graph network: " + _GRAPH_ADVICE_SHORT + "; or freeze it with "
+                       _GRAPH_ADVICE_SHORT + "; or freeze it with "
                        "requires_grad_(False) to treat it as a constant")
 
     def _two_tensors(self, node: fx.Node, op: str) -> UnsupportedModelError:
@@ -570,6 +584,9 @@ class _FxChain:
                 raise self._no_chain(node, inp, cur)
             steps += self._node_steps(node, cur, args, kwargs)
             cur = node
+        if self.literal_reads:  # (the graph reader reads them every call)
+            raise _refuse(self.literal_reads[0][0], "a scalar taken from a tensor the forward makes "
+                          "while it runs", _GRAPH_ADVICE)
         return steps + self.consts
 
     def _identity(self, node, name, args, kwargs) -> Optional[List[Step]]:
@@ -887,11 +904,26 @@ def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
     if not torch.compiler.is_compiling():
         _check_global_hooks()
         return _cached_steps(model)
-    # Comparing the traced key with its value at trace time makes dynamo read (and guard on)
-    # every entry; they are equal when traced.
+    check_compiled_key(model)
+    return _constant_steps(model)
+
+
+def check_compiled_key(model: nn.Module) -> None:
+    """Under torch.compile, before a structure is taken as a constant: comparing the traced key
+    with its value at trace time makes dynamo read (and guard on) every entry; they are equal
+    when traced."""
     if _compiled_key(model) != _constant_key(model):
         raise RuntimeError("hessmlp: the model changed while it was being compiled")
-    return _constant_steps(model)
+
+
+def check_constant(model: nn.Module, where: str, item) -> None:
+    """Under torch.compile: a tensor the structure read as the constant item = (path, value) at
+    where still holds it when the compiled code runs (else it stops rather than use an old one)."""
+    path, value = item
+    t = _get(model, path)
+    torch._assert_async(t.isnan() if value != value else t == value,
+                        f"hessmlp: the tensor '{path}' read as a constant at {where} changed since "
+                        "this code was compiled; call torch.compiler.reset()")
 
 
 # Single modules that are read directly rather than traced.
@@ -916,13 +948,15 @@ def _weight(model: nn.Module, spec) -> torch.Tensor:
     return torch._weight_norm(_get(model, v), _get(model, g), dim)
 
 
-def network_of(model: nn.Module) -> Network:
-    """The flat description of ``model``, with its current parameters."""
+def network_of(model: nn.Module, steps: Optional[Tuple[Step, ...]] = None) -> Network:
+    """The flat description of ``model``, with its current parameters (steps: its structure,
+    read here when not given)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
     # torch.compile(model) wraps the module; its parameters are the original's.
     model = getattr(model, "_orig_mod", model)
-    steps = _steps_of(model)
+    if steps is None:
+        steps = _steps_of(model)
     pre: List[Tuple[str, Act]] = []
     weights: List[torch.Tensor] = []
     biases: List[Optional[torch.Tensor]] = []
@@ -934,12 +968,7 @@ def network_of(model: nn.Module) -> Network:
             checks.append((kind, w, item, len(weights) - 1))
         elif kind == "const":
             if torch.compiler.is_compiling():
-                # Compiled code took the value as a constant: stop rather than use an old one.
-                t = _get(model, item[0])
-                torch._assert_async(t.isnan() if item[1] != item[1] else t == item[1],
-                                    f"hessmlp: the tensor '{item[0]}' read as a constant at {w} "
-                                    "changed since this code was compiled; call "
-                                    "torch.compiler.reset()")
+                check_constant(model, w, item)
         elif kind == "linear":
             W, b = _weight(model, item[0]), None if item[1] is None else _get(model, item[1])
             weights.append(W)

@@ -154,10 +154,6 @@ def _graph_network(model: nn.Module, x: torch.Tensor, chain_error: Optional[Exce
     """The graph of a model that is not a chain (docs/design.md §9), checked against x."""
     from . import _graph_reader
 
-    if torch.compiler.is_compiling():
-        raise UnsupportedModelError(
-            f"hessmlp: {type(model).__name__} is a graph network (not a chain), which hessmlp does "
-            "not compile yet; call hessmlp on it outside torch.compile") from chain_error
     d = x.shape[-1]
     try:
         graph = _graph_reader.graph_of(model, d, input_widths, records)
@@ -240,23 +236,30 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     mode = _MODES[hessian]
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
-    if input_widths is not None:
-        if torch.compiler.is_compiling():
-            raise UnsupportedModelError("hessmlp: several inputs are not supported under "
-                                        "torch.compile yet; call hessmlp eagerly")
+    if torch.compiler.is_compiling():
+        # The structure is a constant of the compiled code (chain or graph alike).
+        kind, structure = _graph_reader.compiled_structure(model, input_widths)
+        if kind == "graph":
+            _check_backend(x)
+            return _run_graph(_graph_network(model, x, None, input_widths, structure), x, mode,
+                              output, method)
+        net = network_of(model, structure)
+    elif input_widths is not None:
         graph = _graph_network(model, x, None, input_widths)
         _check_backend(x)
         return _run_graph(graph, x, mode, output, method)
-    records = None if torch.compiler.is_compiling() else _graph_reader.cached_records(model, read=False)
-    if records is not None:  # (a graph network read before, and still the same)
-        _check_backend(x)
-        return _run_graph(_graph_network(model, x, None, records=records), x, mode, output, method)
-    try:
-        net = network_of(model)
-    except UnsupportedModelError as chain_error:
-        graph = _graph_network(model, x, chain_error)
-        _check_backend(x)
-        return _run_graph(graph, x, mode, output, method)
+    else:
+        records = _graph_reader.cached_records(model, read=False)
+        if records is not None:  # (a graph network read before, and still the same)
+            _check_backend(x)
+            return _run_graph(_graph_network(model, x, None, records=records), x, mode, output,
+                              method)
+        try:
+            net = network_of(model)
+        except UnsupportedModelError as chain_error:
+            graph = _graph_network(model, x, chain_error)
+            _check_backend(x)
+            return _run_graph(graph, x, mode, output, method)
     _check_network(net, x)
     _check_backend(x)
     net = _select_output(net, output)

@@ -289,9 +289,141 @@ def test_graph_network_refusals_through_the_public_functions():
         hessmlp.hessian(model, x.float())
     with pytest.raises(ValueError, match="out of range"):
         hessmlp.hessian(model, x, output=1)
-    compiled = torch.compile(lambda x: hessmlp.laplacian(model, x), fullgraph=True, backend="eager")
-    with pytest.raises(Exception, match="outside torch.compile"):
+
+
+# ---- under torch.compile ----------------------------------------------------------------------
+
+def _laplacian_loss(model, x):
+    return (hessmlp.laplacian(model, x) ** 2).mean()
+
+
+@pytest.mark.parametrize("name, make, d", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
+def test_compiled_graph_networks(name, make, d):
+    """Each architecture's Laplacian loss compiled with fullgraph=True (forward and backward
+    graphs through the fake kernels), its backward outside: the eager loss and gradients; a
+    compiled full Hessian with output=0."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(6, d, dtype=f64)
+    params = list(model.parameters())
+    want_loss = _laplacian_loss(model, x)
+    want = torch.autograd.grad(want_loss, params)
+    loss = torch.compile(_laplacian_loss, fullgraph=True, backend="aot_eager")(model, x)
+    assert_rel_close(loss.detach(), want_loss.detach(), f64, f"{name} loss")
+    for p, g, w in zip(params, torch.autograd.grad(loss, params), want):
+        assert_rel_close(g, w, f64, f"{name} compiled gradient")
+    hess = torch.compile(lambda x: hessmlp.hessian(model, x, output=0), fullgraph=True,
+                         backend="aot_eager")(x)
+    assert_rel_close(hess, hessmlp.hessian(model, x, output=0), f64, f"{name} compiled hessian")
+
+
+def test_compiled_residual_pinn_training_step():
+    """The residual PINN's whole step (Laplacian loss and backward) in one inductor graph, over
+    a few optimizer steps: the eager losses and parameters; then a model change recompiles."""
+    torch._dynamo.reset()
+
+    def train(compiled):
+        torch.manual_seed(0)
+        model = hessmlp.ResidualMLP(3, width=16, blocks=2).double()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        x = torch.rand(32, 3, dtype=f64)
+
+        def step(x):
+            loss = (hessmlp.laplacian(model, x)[:, 0] + 1.0).pow(2).mean()
+            loss.backward()
+            return loss.detach()
+
+        if compiled:
+            step = torch.compile(step, fullgraph=True)
+        losses = []
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            for _ in range(3):
+                opt.zero_grad()
+                losses.append(step(x))
+                opt.step()
+        return model, losses
+
+    eager_model, eager_losses = train(False)
+    model, losses = train(True)
+    for a, b in zip(losses, eager_losses):
+        assert_rel_close(a, b, f64, "loss")
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        assert_rel_close(p.detach(), q.detach(), f64, "parameters after 3 steps")
+
+
+class PlainAttributeFourier(nn.Module):
+    """Fourier features whose matrix is a plain tensor attribute (neither a parameter nor a
+    buffer): fx records the tensor itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.B = torch.randn(2, 4, dtype=f64)
+        self.l1, self.l2 = nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        z = x @ self.B
+        return self.l2(torch.tanh(self.l1(torch.cat([torch.sin(z), torch.cos(z)], dim=-1))))
+
+
+class IteratedFrequencies(nn.Module):
+    """A positional encoding that iterates over a buffer of frequencies: fx makes each entry a
+    tensor of its own while tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("freqs", torch.tensor([1.0, 2.0]))
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        enc = [x]
+        for f in self.freqs:
+            enc.append(torch.sin(f * x))
+        return self.l2(torch.tanh(self.l1(torch.cat(enc, dim=-1))))
+
+
+def test_tensors_the_forward_takes_outside_parameters_and_buffers():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    for model in (PlainAttributeFourier().double(), IteratedFrequencies().double()):
+        x = torch.randn(3, 2, dtype=f64)
+        f = lambda xi: model(xi.unsqueeze(0))[0]  # noqa: E731
+        want = lambda: torch.func.vmap(torch.func.hessian(f))(x).detach()  # noqa: E731
+        assert_rel_close(hessmlp.hessian(model, x), want(), f64, "eager")
+        with torch.no_grad():
+            (model.B if hasattr(model, "B") else model.freqs).mul_(1.5)
+        assert_rel_close(hessmlp.hessian(model, x), want(), f64, "eager, after a change")
+    # The plain attribute is read by its name (compiled code follows it); the iterated buffer's
+    # entries cannot be followed by compiled code: refused, with what to do.
+    compiled = torch.compile(lambda x: hessmlp.hessian(model, x), fullgraph=True, backend="eager")
+    plain = PlainAttributeFourier().double()
+    x = torch.randn(3, 2, dtype=f64)
+    got = torch.compile(lambda x: hessmlp.hessian(plain, x), fullgraph=True, backend="eager")(x)
+    assert_rel_close(got, hessmlp.hessian(plain, x), f64, "plain attribute, compiled")
+    with pytest.raises(Exception, match=r"neither a parameter nor a buffer of the model"):
         compiled(x)
+
+
+def test_compiled_graph_follows_changes():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ResidualPINN(alpha=0.5).double()
+    x = torch.randn(4, 3, dtype=f64)
+    lap = torch.compile(lambda x: hessmlp.laplacian(model, x), fullgraph=True, backend="aot_eager")
+    f = lambda xi: model(xi.unsqueeze(0))[0]  # noqa: E731
+    ref = lambda: torch.func.vmap(torch.func.hessian(f))(x).diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    assert_rel_close(lap(x), ref().detach(), f64, "alpha=0.5")
+    model.alpha = 0.25  # (a plain attribute: dynamo guards on it and compiles again)
+    assert_rel_close(lap(x), ref().detach(), f64, "alpha=0.25, compiled")
+    with torch.no_grad():
+        model.out.weight.mul_(2.0)  # (a parameter: a tensor of the op, read every call)
+    assert_rel_close(lap(x), ref().detach(), f64, "weights changed in place")
+
+    space_time = SpaceTime().double()  # several inputs
+    xs, t = torch.randn(4, 2, dtype=f64), torch.rand(4, 1, dtype=f64)
+    got = torch.compile(lambda x, t: hessmlp.hessian(space_time, (x, t)), fullgraph=True,
+                        backend="aot_eager")(xs, t)
+    assert_rel_close(got, hessmlp.hessian(space_time, (xs, t)), f64, "(x, t) compiled")
 
 
 def test_graph_structure_is_cached_and_follows_changes():
@@ -304,10 +436,10 @@ def test_graph_structure_is_cached_and_follows_changes():
     assert_rel_close(hessmlp.hessian(residual, x3), torch.func.vmap(torch.func.hessian(f))(x3).detach(),
                      f64, "alpha changed")
 
-    model = AdaptivePINN().double()  # (ub - lb is computed by fx while tracing: read every call)
+    model = AdaptivePINN().double()  # (ub - lb: a computation of buffers, replayed every call)
     x = torch.randn(3, 2, dtype=f64)
     h1 = hessmlp.hessian(model, x)
-    assert "_hessmlp_graph" not in model.__dict__
+    assert "_hessmlp_graph" in model.__dict__
     with torch.no_grad():
         model.a.mul_(2.0)  # a learnable slope: a tensor of the op, read every call
         model.lb.add_(0.5)  # a buffer (in place: its version changes the fingerprint)
