@@ -22,7 +22,7 @@ from .nn import Sine
 from ._spec import (_ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _GRAPH_CACHE_ATTR, _RESHAPES,
                     Act, _FxChain, _cached, _cached_steps, _check_global_hooks, _check_hooks, _fingerprint, _get,
                     _join, _module_steps, _refuse, _weight, UnsupportedModelError, check_compiled_key,
-                    check_constant)
+                    check_constant, unwrap)
 
 __all__ = ["graph_of"]
 
@@ -395,7 +395,7 @@ def cached_records(model: nn.Module, input_widths=None, read: bool = True) -> Op
     scalar read as a constant changed; never kept when fx computed a tensor while tracing
     (its source is unknown: read every call). read=False: the kept records while they are
     current, else None (cheap: no tracing)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     if not read and _GRAPH_CACHE_ATTR not in model.__dict__:
         return None
     _check_global_hooks()
@@ -410,7 +410,7 @@ def graph_of(model: nn.Module, d: int, input_widths=None, records=None) -> Graph
     """The graph network of ``model`` for inputs of d features, with its current tensors;
     input_widths: the widths of the forward's several tensor inputs (d their sum); records:
     cached_records' (read here when not given)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     g = GraphBuilder(d)
     ids: List[int] = []
     if records is None:
@@ -491,6 +491,6 @@ _constant_structure = torch.compiler.assume_constant_result(_compiled)
 def compiled_structure(model: nn.Module, input_widths=None):
     """_structure under torch.compile: a constant of the compiled code, which dynamo guards on
     (the model's key, _spec.check_compiled_key) and checks (scalars read as constants)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     check_compiled_key(model)
     return _constant_structure(model, input_widths)

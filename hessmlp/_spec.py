@@ -235,6 +235,26 @@ def _gelu(approximate: str, where: str) -> Act:
 _TRACE_LOCK = threading.RLock()  # (re-entrant: a forward may call hessmlp itself)
 
 
+def _inline_scripted_functions(model: nn.Module) -> List[tuple]:
+    """TorchScript functions (@torch.jit.script def swish) that the forwards of model's modules
+    call by a global name: replaced there by the Python function they were compiled from, for
+    the trace (fx cannot pass its proxies to TorchScript); returns what to restore."""
+    patched = []
+    seen = set()
+    for m in model.modules():
+        forward = getattr(type(m), "forward", None)
+        g = getattr(forward, "__globals__", None)
+        if g is None or id(g) in seen:
+            continue
+        seen.add(id(g))
+        for k, v in list(g.items()):
+            fn = getattr(v, "_torchdynamo_inline", None) if isinstance(v, torch.jit.ScriptFunction) else None
+            if callable(fn):
+                patched.append((g, k, v))
+                g[k] = fn
+    return patched
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, proxy_buffers: bool = False):
         super().__init__()
@@ -358,6 +378,7 @@ class _FxChain:
         before = set(model.__dict__)
         try:
             with _TRACE_LOCK:
+                patched = _inline_scripted_functions(model)
                 try:
                     # Buffers as get_attr nodes, so that what the forward computes from them
                     # alone (ub - lb) is read as a computation, replayed with their values
@@ -368,6 +389,9 @@ class _FxChain:
                     for k in set(model.__dict__) - before:
                         del model.__dict__[k]
                     self.graph = _Tracer().trace(model, concrete_args=concrete or None)
+                finally:
+                    for g, k, v in patched:
+                        g[k] = v
         except Exception as e:  # fx raises many types for data-dependent control flow
             line = _user_line("".join(traceback.format_tb(e.__traceback__)))
             at = f" at {line}" if line else ""
@@ -795,6 +819,8 @@ def _fingerprint(model: nn.Module) -> tuple:
     todo = [model]
     while todo:
         m = todo.pop()
+        if isinstance(m, torch.jit.ScriptModule):
+            raise _scripted(model, m)
         d = m.__dict__
         attrs = tuple((k, _frozen(v)) for k, v in d.items() if k not in _MODULE_ATTRS)
         params = tuple((k, None if p is None else (p.requires_grad or (id(p), p._version)))
@@ -808,6 +834,16 @@ def _fingerprint(model: nn.Module) -> tuple:
                     hooks, tuple(children)))
         todo.extend(c for c in children.values() if c is not None)
     return tuple(out)
+
+
+def _scripted(model: nn.Module, m: nn.Module) -> UnsupportedModelError:
+    name = next((n for n, c in model.named_modules() if c is m), "")
+    what = f"model.{name}" if name else "the model"
+    return UnsupportedModelError(
+        f"hessmlp: {what} is a TorchScript module (torch.jit.script or torch.jit.trace): its "
+        "forward is compiled TorchScript, which hessmlp does not read. Pass the Python module it "
+        "was made from (they share their parameters). Scripted functions (@torch.jit.script "
+        f"def f) called from a Python forward are read. {_SEE}")
 
 
 def _check_global_hooks() -> None:
@@ -930,6 +966,18 @@ def check_constant(model: nn.Module, where: str, item) -> None:
 _DIRECT = (nn.Linear,)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside the wrappers that share its parameters: torch.compile(model)
+    (an OptimizedModule), nn.DataParallel and DistributedDataParallel (their .module)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _get(model: nn.Module, path: str) -> torch.Tensor:
     obj = model
     for part in path.split("."):
@@ -953,8 +1001,7 @@ def network_of(model: nn.Module, steps: Optional[Tuple[Step, ...]] = None) -> Ne
     read here when not given)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
-    # torch.compile(model) wraps the module; its parameters are the original's.
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     if steps is None:
         steps = _steps_of(model)
     pre: List[Tuple[str, Act]] = []

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _memory, _ops  # noqa: F401  (_ops registers the fake kernels)
 from ._memory import memory_budget, set_memory_budget
-from ._spec import Network, UnsupportedModelError, network_of
+from ._spec import Network, UnsupportedModelError, network_of, unwrap
 
 __all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian", "set_memory_budget",
            "memory_budget"]
@@ -236,6 +236,7 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     mode = _MODES[hessian]
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     if torch.compiler.is_compiling():
         # The structure is a constant of the compiled code (chain or graph alike).
         kind, structure = _graph_reader.compiled_structure(model, input_widths)

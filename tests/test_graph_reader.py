@@ -518,3 +518,85 @@ def test_several_inputs():
         hessmlp.hessian(model, (x, t[:2]))
     with pytest.raises(UnsupportedModelError, match="takes 2 tensor inputs"):
         hessmlp.hessian(model, (x[:, :1], x[:, 1:], t))
+
+
+# ---- wrappers and TorchScript -----------------------------------------------------------------
+
+@torch.jit.script
+def scripted_swish(x):
+    return x * torch.sigmoid(x)
+
+
+class ScriptedActivationNet(nn.Module):
+    """A residual network whose activation is a TorchScript function (as in some PINN codes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = scripted_swish(self.l1(x))
+        h = h + scripted_swish(self.l2(h))
+        return self.l3(h)
+
+
+def _hessian_ref(model, x):
+    f = lambda xi: model(xi.unsqueeze(0))[0]  # noqa: E731
+    return torch.func.vmap(torch.func.hessian(f))(x).detach()
+
+
+def test_scripted_functions_are_read(monkeypatch):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScriptedActivationNet().double()
+    x = torch.randn(4, 2, dtype=f64)
+    # The reference through the Python function: torch.func's hessian through the TorchScript
+    # function differs from it (by 1e-2 here, torch 2.13).
+    with monkeypatch.context() as m:
+        m.setitem(globals(), "scripted_swish", scripted_swish._torchdynamo_inline)
+        want = _hessian_ref(model, x)
+    assert_rel_close(hessmlp.hessian(model, x), want, f64, "eager")
+    assert isinstance(scripted_swish, torch.jit.ScriptFunction)  # (restored after the trace)
+    got = torch.compile(lambda x: hessmlp.hessian(model, x), fullgraph=True, backend="aot_eager")(x)
+    assert_rel_close(got, want, f64, "compiled")
+
+
+def test_scripted_modules_are_refused_by_name():
+    class Act(nn.Module):
+        def forward(self, x):
+            return x * torch.tanh(x)
+
+    seq = nn.Sequential(nn.Linear(2, 8), torch.jit.script(Act()), nn.Linear(8, 1)).double()
+    x = torch.randn(3, 2, dtype=f64)
+    with pytest.raises(UnsupportedModelError, match=r"model\.1 is a TorchScript module .* Pass the "
+                                                    "Python module it was made from"):
+        hessmlp.laplacian(seq, x)
+    whole = torch.jit.script(hessmlp.MLP(2, [8], 1).double())
+    with pytest.raises(UnsupportedModelError, match="the model is a TorchScript module"):
+        hessmlp.laplacian(whole, x)
+
+
+def test_data_parallel_wrappers_are_unwrapped(tmp_path):
+    import torch.distributed as dist
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ResidualPINN().double()
+    x = torch.randn(4, 3, dtype=f64)
+    want = _hessian_ref(model, x)
+    dp = nn.DataParallel(model)
+    assert_rel_close(hessmlp.hessian(dp, x), want, f64, "DataParallel")
+    got = torch.compile(lambda x: hessmlp.hessian(dp, x), fullgraph=True, backend="aot_eager")(x)
+    assert_rel_close(got, want, f64, "DataParallel, compiled")
+    assert_rel_close(hessmlp.hessian(torch.compile(dp), x), want, f64, "compile(DataParallel)")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert_rel_close(hessmlp.hessian(ddp, x), want, f64, "DistributedDataParallel")
+        (hessmlp.laplacian(ddp, x) ** 2).sum().backward()  # gradients reach the module's parameters
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
