@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <utility>
 
 namespace hessmlp {
 namespace {
@@ -181,12 +183,62 @@ at::Tensor affine_scale(const GraphNode& node, at::TensorList tensors, const at:
                            : at::scalar_tensor(node.consts[0], opt);
 }
 
-// Every node's jets, [B, C, width] each, contiguous (B > 0). keep_all: all of them (the
-// backward's), else each goes once its last consumer has run (only the output is left).
+// Work space of one task: buffers of the block's largest columns [rows, C, n_max], taken and
+// given back as nodes' columns and adjoints come and go, and reused by the task's next block
+// (fresh allocations of this size would each be new pages from the system).
+class Pool {
+ public:
+  Pool(int64_t elems, const at::TensorOptions& opt) : elems_(elems), opt_(opt) {}
+
+  // A [B, C, n] tensor of a free buffer (uninitialised).
+  at::Tensor take(at::IntArrayRef shape) {
+    int64_t numel = 1;
+    for (int64_t s : shape) numel *= s;
+    if (numel > elems_) return at::empty(shape, opt_);  // (not pooled)
+    if (free_.empty()) {
+      bufs_.push_back(at::empty({elems_}, opt_));
+      free_.push_back(bufs_.size() - 1);
+    }
+    const size_t i = free_.back();
+    free_.pop_back();
+    return bufs_[i].narrow(0, 0, numel).view(shape);
+  }
+  at::Tensor zeros(at::IntArrayRef shape) { return take(shape).zero_(); }
+  // t's buffer is free again (t from take; others are left to ATen).
+  void give(const at::Tensor& t) {
+    for (size_t i = 0; i < bufs_.size(); ++i) {
+      if (bufs_[i].data_ptr() == t.data_ptr()) {
+        free_.push_back(i);
+        return;
+      }
+    }
+  }
+  // Every buffer free (a new block).
+  void reset() {
+    free_.clear();
+    for (size_t i = bufs_.size(); i-- > 0;) free_.push_back(i);
+  }
+
+ private:
+  int64_t elems_;
+  at::TensorOptions opt_;
+  std::vector<at::Tensor> bufs_;
+  std::vector<size_t> free_;
+};
+
+int64_t widest(const GraphSpec& spec) {
+  int64_t n_max = 1;
+  for (const GraphNode& node : spec.nodes) n_max = std::max(n_max, node.width);
+  return n_max;
+}
+
+// Every node's jets for the samples of x, [B, C, width] each, contiguous (B > 0), in buffers
+// of pool. keep_all: all of them (the backward's), else each goes back to the pool once its
+// last consumer has run (only the output is left).
 std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec, const at::Tensor& x,
-                                        at::TensorList tensors, bool keep_all) {
+                                        at::TensorList tensors, bool keep_all, Pool& pool) {
   const Mode mode = spec.mode;
-  const int64_t B = spec.batch, d = spec.d, C = spec.cols();
+  const int64_t B = x.size(0), d = spec.d, C = spec.cols();
   const at::TensorOptions opt = x.options();
   const int64_t n_nodes = static_cast<int64_t>(spec.nodes.size());
   std::vector<int64_t> last_use(n_nodes, n_nodes - 1);
@@ -195,7 +247,7 @@ std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec,
   }
   std::vector<at::Tensor> cols(n_nodes);
   // The input: value x, T the identity, S = 0.
-  cols[0] = at::zeros({B, C, d}, opt);
+  cols[0] = pool.zeros({B, C, d});
   cols[0].select(1, 0).copy_(x);
   cols[0].narrow(1, 1, d).copy_(at::eye(d, opt).expand({B, d, d}));
   const at::Tensor none;
@@ -203,23 +255,23 @@ std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec,
     const GraphNode& node = spec.nodes[i];
     const int64_t n = node.width;
     const at::Tensor& in = cols[node.inputs[0]];
-    at::Tensor out;
+    at::Tensor out = pool.take({B, C, n});
     switch (node.kind) {
       case NodeKind::Linear: {
         const at::Tensor& W = tensors[node.refs[0]];
-        out = at::mm(in.view({B * C, in.size(2)}), W.t()).view({B, C, n});
+        at::Tensor rows = out.view({B * C, n});
+        at::mm_out(rows, in.view({B * C, in.size(2)}), W.t());
         if (node.refs[1] >= 0) out.select(1, 0).add_(tensors[node.refs[1]]);
         break;
       }
       case NodeKind::Stage: {
-        out = at::empty({B, C, n}, opt);
         at::Tensor no_s1, no_s2;
         k.stage_forward(StageArgs{mode, B, n, d, in, none, none, false, node.stage, nullptr}, out,
                         no_s1, no_s2);
         break;
       }
       case NodeKind::Affine: {
-        out = in * affine_scale(node, tensors, opt);
+        at::mul_out(out, in, affine_scale(node, tensors, opt));
         if (node.refs[1] >= 0) {
           out.select(1, 0).add_(tensors[node.refs[1]].reshape({1, -1}));
         } else if (node.consts[1] != 0.0) {
@@ -228,20 +280,22 @@ std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec,
         break;
       }
       case NodeKind::Add:
-        out = in + cols[node.inputs[1]];
+        at::add_out(out, in, cols[node.inputs[1]]);
         for (size_t j = 2; j < node.inputs.size(); ++j) out.add_(cols[node.inputs[j]]);
         break;
       case NodeKind::Concat: {
-        std::vector<at::Tensor> parts;
-        for (int64_t j : node.inputs) parts.push_back(cols[j]);
-        out = at::cat(parts, 2);
+        int64_t off = 0;
+        for (int64_t j : node.inputs) {
+          const int64_t w = spec.nodes[j].width;
+          out.narrow(2, off, w).copy_(cols[j]);
+          off += w;
+        }
         break;
       }
       case NodeKind::Select:
-        out = in.index_select(2, at::tensor(node.extra, opt.dtype(at::kLong)));
+        at::index_select_out(out, in, 2, at::tensor(node.extra, opt.dtype(at::kLong)));
         break;
       case NodeKind::Mul:
-        out = at::empty({B, C, n}, opt);
         k.product(mode, d, in, cols[node.inputs[1]], out);
         break;
       case NodeKind::Input:
@@ -250,7 +304,10 @@ std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec,
     cols[i] = out;
     if (keep_all) continue;
     for (int64_t j : node.inputs) {
-      if (last_use[j] == i) cols[j] = at::Tensor();  // (its memory goes back)
+      if (last_use[j] == i && cols[j].defined()) {
+        pool.give(cols[j]);
+        cols[j] = at::Tensor();
+      }
     }
   }
   return cols;
@@ -262,6 +319,144 @@ struct Scope {
   c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
   explicit Scope(const at::Tensor& x) : guard(x.device()) {}
 };
+
+// Samples per block: on a backend that goes block by block (the CPU, Kernels::rows_per_block)
+// as many as keep one node's columns at the widest node in cache, as a chain's; else B.
+int64_t block_rows(const Kernels& k, const GraphSpec& spec, const at::Tensor& x) {
+  if (!k.rows_per_block) return spec.batch;
+  return std::min(spec.batch, k.rows_per_block(spec.cols() * widest(spec) * x.element_size()));
+}
+
+// The backward sweep (docs/design.md §9) for the samples of x: adds the gradients w.r.t. the
+// tensors to grad_t (entries not needed are left alone) and writes those w.r.t. x into
+// grad_x when defined. gv, gj, gh: the gradients of the block's outputs (undefined: zero).
+void backward_block(const Kernels& k, const GraphSpec& spec, const at::Tensor& x,
+                    at::TensorList tensors, const at::Tensor& gv, const at::Tensor& gj,
+                    const at::Tensor& gh, const std::vector<bool>& needs,
+                    std::vector<at::Tensor>& grad_t, at::Tensor grad_x, Pool& pool) {
+  const Mode mode = spec.mode;
+  const int64_t B = x.size(0), d = spec.d, m = spec.m(), C = spec.cols();
+  const at::TensorOptions opt = x.options();
+  auto need = [&](int64_t ref) { return ref >= 0 && needs[1 + ref]; };
+  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, tensors, true, pool);
+  const int64_t n_nodes = static_cast<int64_t>(spec.nodes.size());
+  // adj[i]: the adjoint of node i's jets [B, C, width], summed over its consumers; a buffer
+  // of its own (the adjoints are changed in place), undefined while zero.
+  std::vector<at::Tensor> adj(n_nodes);
+  // Adds t to node j's adjoint. owned: t is a pool buffer the sweep no longer needs (it
+  // becomes the adjoint, or goes back to the pool); else t is copied.
+  auto send = [&](int64_t j, const at::Tensor& t, bool owned) {
+    if (!adj[j].defined()) {
+      if (owned) {
+        adj[j] = t;
+      } else {
+        adj[j] = pool.take(t.sizes());
+        adj[j].copy_(t);
+      }
+    } else {
+      adj[j].add_(t);
+      if (owned) pool.give(t);
+    }
+  };
+  auto zeros_at = [&](int64_t j) -> at::Tensor& {
+    if (!adj[j].defined()) adj[j] = pool.zeros({B, C, spec.nodes[j].width});
+    return adj[j];
+  };
+  adj[n_nodes - 1] = pool.take({B, C, m});
+  k.pack_adjoint(mode, d, gv, gj, gh, adj[n_nodes - 1]);
+  const at::Tensor none;
+  for (int64_t i = n_nodes - 1; i >= 1; --i) {
+    if (!adj[i].defined()) continue;  // (no path from here to the outputs)
+    at::Tensor g = std::move(adj[i]);
+    adj[i] = at::Tensor();
+    bool g_sent = false;  // g itself became (or went into) an input's adjoint
+    const GraphNode& node = spec.nodes[i];
+    const int64_t n = node.width, h = node.inputs[0];
+    const at::Tensor& in = cols[h];
+    switch (node.kind) {
+      case NodeKind::Linear: {
+        const at::Tensor& W = tensors[node.refs[0]];
+        const at::Tensor g2 = g.view({B * C, n});
+        if (need(node.refs[0])) grad_t[node.refs[0]].addmm_(g2.t(), in.view({B * C, in.size(2)}));
+        if (need(node.refs[1])) grad_t[node.refs[1]].add_(g.select(1, 0).sum(0));
+        at::Tensor back = pool.take({B, C, in.size(2)});
+        at::Tensor back_rows = back.view({B * C, in.size(2)});
+        at::mm_out(back_rows, g2, W);
+        send(h, back, true);
+        break;
+      }
+      case NodeKind::Stage:
+        k.stage_adjoint(StageArgs{mode, B, n, d, in, none, none, false, node.stage, nullptr}, g);
+        send(h, g, true);
+        g_sent = true;
+        break;
+      case NodeKind::Affine: {
+        for (int part = 0; part < 2; ++part) {
+          const int64_t r = node.refs[part];
+          if (!need(r)) continue;
+          // d/da: all the columns (v, T, S scale); d/dc: the value row only.
+          at::Tensor per_feature;
+          if (part == 0) {
+            at::Tensor prod = pool.take(g.sizes());
+            at::mul_out(prod, g, in);
+            per_feature = prod.sum({0, 1});
+            pool.give(prod);
+          } else {
+            per_feature = g.select(1, 0).sum(0);
+          }
+          grad_t[r].add_(tensors[r].numel() == 1 ? per_feature.sum().reshape(tensors[r].sizes())
+                                                 : per_feature.reshape(tensors[r].sizes()));
+        }
+        send(h, g.mul_(affine_scale(node, tensors, opt)), true);
+        g_sent = true;
+        break;
+      }
+      case NodeKind::Add:
+        for (size_t j = 0; j < node.inputs.size(); ++j) {
+          // (The last input may take g itself when it has no adjoint yet and appears once.)
+          const int64_t in_j = node.inputs[j];
+          const bool take_g = j + 1 == node.inputs.size() && !adj[in_j].defined() &&
+                              std::count(node.inputs.begin(), node.inputs.end(), in_j) == 1;
+          send(in_j, g, take_g);
+          g_sent = g_sent || take_g;
+        }
+        break;
+      case NodeKind::Concat: {
+        int64_t off = 0;
+        for (int64_t j : node.inputs) {
+          const int64_t w = spec.nodes[j].width;
+          send(j, g.narrow(2, off, w), false);
+          off += w;
+        }
+        break;
+      }
+      case NodeKind::Select: {
+        at::Tensor back = pool.zeros({B, C, in.size(2)});
+        back.index_add_(2, at::tensor(node.extra, opt.dtype(at::kLong)), g);
+        send(h, back, true);
+        break;
+      }
+      case NodeKind::Mul: {
+        const int64_t q = node.inputs[1];
+        at::Tensor& gp = zeros_at(h);
+        at::Tensor& gq = zeros_at(q);
+        k.product_adjoint(mode, d, in, cols[q], g, gp, gq);
+        break;
+      }
+      case NodeKind::Input:
+        break;
+    }
+    if (!g_sent) pool.give(g);
+  }
+  // The input's jets are (x, I, 0): only the value depends on x.
+  if (grad_x.defined()) {
+    if (adj[0].defined()) {
+      grad_x.copy_(adj[0].select(1, 0));
+    } else {
+      grad_x.zero_();
+    }
+  }
+}
 
 }  // namespace
 
@@ -278,8 +473,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
   at::Tensor value = at::empty({B, m}, opt), jac = at::empty({B, m, d}, opt);
   at::Tensor hess = at::empty(hessian_shape(spec.mode, B, m, d), opt);
   if (B == 0) return {value, jac, hess};
-  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, tensors, false);
-  k.unpack(spec.mode, d, cols.back(), value, jac, hess);
+  const int64_t rows = block_rows(k, spec, x);
+  // (A backend without blocks, CUDA, allocates each tensor at its size, from its caching
+  // allocator: no pool.)
+  const int64_t elems = k.rows_per_block ? rows * spec.cols() * widest(spec) : 0;
+  auto block = [&](int64_t b0, int64_t nb, Pool& pool) {
+    pool.reset();
+    const std::vector<at::Tensor> cols =
+        forward_columns(k, spec, x.narrow(0, b0, nb), tensors, false, pool);
+    at::Tensor v = value.narrow(0, b0, nb), j = jac.narrow(0, b0, nb), h = hess.narrow(0, b0, nb);
+    k.unpack(spec.mode, d, cols.back(), v, j, h);
+  };
+  if (rows >= B) {
+    Pool pool(elems, opt);
+    block(0, B, pool);
+  } else {
+    parallel_blocks((B + rows - 1) / rows, [&](int64_t c0, int64_t c1) {
+      Pool pool(elems, opt);  // (one per task, reused by its blocks)
+      for (int64_t c = c0; c < c1; ++c) block(c * rows, std::min(rows, B - c * rows), pool);
+    });
+  }
   return {value, jac, hess};
 }
 
@@ -295,7 +508,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> graph_jet_backward_run(
                     "hessmlp: graph_jet_backward: needs must have 1 + len(tensors) = ", 1 + n_tensors,
                     " entries, got ", needs.size());
   const Mode mode = spec.mode;
-  const int64_t B = spec.batch, d = spec.d, m = spec.m(), C = spec.cols();
+  const int64_t B = spec.batch, d = spec.d, m = spec.m();
   auto grad = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name) {
     if (!g.has_value() || !g->defined()) return at::Tensor();
     TORCH_CHECK_VALUE(g->sizes() == shape, "hessmlp: graph_jet_backward: ", name, " has shape ",
@@ -313,100 +526,54 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> graph_jet_backward_run(
   const at::Tensor x = x_in.contiguous();
   const at::TensorOptions opt = x.options();
   at::Tensor grad_x = needs[0] ? at::zeros({B, d}, opt) : at::empty({0}, opt);
-  std::vector<at::Tensor> grad_t;
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    grad_t.push_back(needs[1 + t] ? at::zeros_like(tensors[t], at::MemoryFormat::Contiguous)
-                                  : at::empty({0}, opt));
-  }
+  auto zero_grads = [&]() {
+    std::vector<at::Tensor> out;
+    for (int64_t t = 0; t < n_tensors; ++t) {
+      out.push_back(needs[1 + t] ? at::zeros_like(tensors[t], at::MemoryFormat::Contiguous)
+                                 : at::empty({0}, opt));
+    }
+    return out;
+  };
+  std::vector<at::Tensor> grad_t = zero_grads();
   if (B == 0 || (!gv.defined() && !gj.defined() && !gh.defined())) return {grad_x, grad_t};
-  auto need = [&](int64_t ref) { return ref >= 0 && needs[1 + ref]; };
-
-  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, tensors, true);
-  const int64_t n_nodes = static_cast<int64_t>(spec.nodes.size());
-  // adj[i]: the adjoint of node i's jets [B, C, width], summed over its consumers; a tensor
-  // of its own (the adjoints are changed in place), undefined while zero.
-  std::vector<at::Tensor> adj(n_nodes);
-  auto send = [&](int64_t j, const at::Tensor& t, bool owned) {
-    if (!adj[j].defined()) {
-      adj[j] = owned ? t : t.clone(at::MemoryFormat::Contiguous);
-    } else {
-      adj[j].add_(t);
+  auto rows_of = [](const at::Tensor& t, int64_t b0, int64_t nb) {
+    return t.defined() ? t.narrow(0, b0, nb) : at::Tensor();
+  };
+  const int64_t rows = block_rows(k, spec, x);
+  // (A backend without blocks, CUDA, allocates each tensor at its size, from its caching
+  // allocator: no pool.)
+  const int64_t elems = k.rows_per_block ? rows * spec.cols() * widest(spec) : 0;
+  if (rows >= B) {
+    Pool pool(elems, opt);
+    backward_block(k, spec, x, tensors, gv, gj, gh, needs, grad_t,
+                   needs[0] ? grad_x : at::Tensor(), pool);
+    return {grad_x, grad_t};
+  }
+  // Blocks in parallel: each task sums its blocks' parameter gradients, then the tasks' sums
+  // are added up in task order (the same result for a given split of the blocks).
+  const int64_t blocks = (B + rows - 1) / rows;
+  std::vector<std::pair<int64_t, std::vector<at::Tensor>>> partial;
+  std::mutex lock;
+  parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
+    std::vector<at::Tensor> mine = zero_grads();
+    Pool pool(elems, opt);  // (one per task, reused by its blocks)
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * rows, nb = std::min(rows, B - b0);
+      pool.reset();
+      backward_block(k, spec, x.narrow(0, b0, nb), tensors, rows_of(gv, b0, nb), rows_of(gj, b0, nb),
+                     rows_of(gh, b0, nb), needs, mine, needs[0] ? grad_x.narrow(0, b0, nb) : at::Tensor(),
+                     pool);
     }
-  };
-  auto zeros_at = [&](int64_t j) -> at::Tensor& {
-    if (!adj[j].defined()) adj[j] = at::zeros({B, C, spec.nodes[j].width}, opt);
-    return adj[j];
-  };
-  adj[n_nodes - 1] = at::empty({B, C, m}, opt);
-  k.pack_adjoint(mode, d, gv, gj, gh, adj[n_nodes - 1]);
-  const at::Tensor none;
-  for (int64_t i = n_nodes - 1; i >= 1; --i) {
-    if (!adj[i].defined()) continue;  // (no path from here to the outputs)
-    at::Tensor g = std::move(adj[i]);
-    adj[i] = at::Tensor();
-    const GraphNode& node = spec.nodes[i];
-    const int64_t n = node.width, h = node.inputs[0];
-    const at::Tensor& in = cols[h];
-    switch (node.kind) {
-      case NodeKind::Linear: {
-        const at::Tensor& W = tensors[node.refs[0]];
-        const at::Tensor g2 = g.view({B * C, n});
-        if (need(node.refs[0])) grad_t[node.refs[0]].addmm_(g2.t(), in.view({B * C, in.size(2)}));
-        if (need(node.refs[1])) grad_t[node.refs[1]].add_(g.select(1, 0).sum(0));
-        send(h, at::mm(g2, W).view({B, C, in.size(2)}), true);
-        break;
-      }
-      case NodeKind::Stage:
-        k.stage_adjoint(StageArgs{mode, B, n, d, in, none, none, false, node.stage, nullptr}, g);
-        send(h, g, true);
-        break;
-      case NodeKind::Affine: {
-        for (int part = 0; part < 2; ++part) {
-          const int64_t r = node.refs[part];
-          if (!need(r)) continue;
-          // d/da: all the columns (v, T, S scale); d/dc: the value row only.
-          const at::Tensor per_feature = part == 0 ? (g * in).sum({0, 1}) : g.select(1, 0).sum(0);
-          grad_t[r].add_(tensors[r].numel() == 1 ? per_feature.sum().reshape(tensors[r].sizes())
-                                                 : per_feature.reshape(tensors[r].sizes()));
-        }
-        send(h, g.mul_(affine_scale(node, tensors, opt)), true);
-        break;
-      }
-      case NodeKind::Add:
-        for (size_t j = 0; j < node.inputs.size(); ++j) {
-          // (The last input may take g itself: no other reads it.)
-          send(node.inputs[j], g, j + 1 == node.inputs.size() && !adj[node.inputs[j]].defined() &&
-                                      std::count(node.inputs.begin(), node.inputs.end(), node.inputs[j]) == 1);
-        }
-        break;
-      case NodeKind::Concat: {
-        int64_t off = 0;
-        for (int64_t j : node.inputs) {
-          const int64_t w = spec.nodes[j].width;
-          send(j, g.narrow(2, off, w), false);
-          off += w;
-        }
-        break;
-      }
-      case NodeKind::Select: {
-        at::Tensor back = at::zeros({B, C, in.size(2)}, opt);
-        back.index_add_(2, at::tensor(node.extra, opt.dtype(at::kLong)), g);
-        send(h, back, true);
-        break;
-      }
-      case NodeKind::Mul: {
-        const int64_t q = node.inputs[1];
-        at::Tensor& gp = zeros_at(h);
-        at::Tensor& gq = zeros_at(q);
-        k.product_adjoint(mode, d, in, cols[q], g, gp, gq);
-        break;
-      }
-      case NodeKind::Input:
-        break;
+    const std::lock_guard<std::mutex> guard(lock);
+    partial.emplace_back(c0, std::move(mine));
+  });
+  std::sort(partial.begin(), partial.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& [c0, mine] : partial) {
+    for (int64_t t = 0; t < n_tensors; ++t) {
+      if (needs[1 + t]) grad_t[t].add_(mine[t]);
     }
   }
-  // The input's jets are (x, I, 0): only the value depends on x.
-  if (needs[0] && adj[0].defined()) grad_x.copy_(adj[0].select(1, 0));
   return {grad_x, grad_t};
 }
 

@@ -23,17 +23,6 @@ at::Tensor bias_of(const c10::List<std::optional<at::Tensor>>& biases, int64_t l
   return (b.has_value() && b->defined()) ? b->contiguous() : at::Tensor();
 }
 
-// body(c0, c1) over the blocks 0 .. blocks - 1, split among threads. The ATen ops the body
-// calls dispatch as on the calling thread (below autograd, as in this op's kernel).
-template <typename Body>
-void parallel_blocks(int64_t blocks, const Body& body) {
-  const at::ThreadLocalState tls;
-  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
-    const at::ThreadLocalStateGuard guard(tls);
-    body(c0, c1);
-  });
-}
-
 enum class Keep { Nothing, Gram, State };
 
 // A stage of affine functions only (or none): its second derivative is 0.

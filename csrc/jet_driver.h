@@ -7,6 +7,8 @@
 
 #include "jet_common.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
@@ -15,6 +17,17 @@
 #include <vector>
 
 namespace hessmlp {
+
+// body(c0, c1) over the blocks 0 .. blocks - 1, split among threads. The ATen ops the body
+// calls dispatch as on the calling thread (below autograd, as in the ops' kernels).
+template <typename Body>
+void parallel_blocks(int64_t blocks, const Body& body) {
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    const at::ThreadLocalStateGuard guard(tls);
+    body(c0, c1);
+  });
+}
 
 // What a backend keeps of one stage between its recomputation and its adjoint in the
 // backward sweep (the CPU: the derivative arrays, or z + bias and the prims).

@@ -337,3 +337,29 @@ def test_opcheck_graph_jet(mode):
                           (torch.randn_like(value), None, torch.randn_like(hess), x.detach(),
                            [t.detach() for t in ts], *op_arguments(graph), mode,
                            [True] * (1 + len(ts))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", range(8))
+def test_blocks_of_samples(seed, dtype):
+    """Batches of several blocks of samples (the CPU goes block by block through all the
+    nodes, blocks in parallel, the last one partial): graph_jet's results as the plain-PyTorch
+    reference's (itself checked against torch.func above) and its gradients w.r.t. x and every
+    tensor as torch.func's, on the whole batch."""
+    from hessmlp import _cost
+    from hessmlp._graph import graph_jet
+
+    graph, _, used = random_graph(seed, dtype)
+    d = graph.d
+    n_max = max(node.width for node in graph.nodes)
+    gen = torch.Generator().manual_seed(seed)
+    for mode in ("full", "trace"):
+        C = 1 + d + _cost.pairs(mode, d)
+        rows = max(8, _cost.CPU_BLOCK_BYTES // (C * n_max * (torch.finfo(dtype).bits // 8)))
+        B = 2 * rows + 5  # (three blocks, the last of 5 samples, on the CPU)
+        x = torch.randn(B, d, dtype=dtype, generator=gen)
+        want = [t for t in reference.graph_jet(graph, x, mode) if t is not None]
+        got = graph_jet(graph, x, mode)
+        for a, b, name in zip(got, want, ("value", "jacobian", mode)):
+            assert_rel_close(a, b, dtype, f"seed={seed} {name} B={B} blocks={used}")
+        check_gradients(graph, x, mode, f"seed={seed} B={B} blocks={used}", seed)
