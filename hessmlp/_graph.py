@@ -17,15 +17,15 @@ The structure (Node) is plain data; the tensors it refers to are in Graph.tensor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ._spec import ACT_CODES, Act, Network
+from ._spec import ACT_CODES, MAX_STAGE_FUNCTIONS, Act, Network
 
 __all__ = ["KINDS", "Node", "Graph", "GraphBuilder", "evaluate", "from_network", "as_chain",
-           "op_arguments", "graph_jet"]
+           "op_arguments", "graph_jet", "ChainLayout", "chain_layout", "chain_network"]
 
 KINDS = ("input", "linear", "stage", "affine", "add", "concat", "select", "mul")
 
@@ -44,9 +44,12 @@ class Node:
 
 @dataclass
 class Graph:
-    """Nodes in topological order, nodes[0] the input; the output is the last node."""
+    """Nodes in topological order, nodes[0] the input; the output is the last node. dtypes:
+    (where, dtype) of conversions in the forward (h.float()), which hold only when x has that
+    dtype (the public functions check them)."""
     nodes: List[Node]
     tensors: List[torch.Tensor]
+    dtypes: List[Tuple[str, torch.dtype]] = field(default_factory=list)
 
     @property
     def d(self) -> int:
@@ -73,6 +76,7 @@ class GraphBuilder:
             raise ValueError(f"hessmlp: the input width must be >= 0, got {d}")
         self.nodes: List[Node] = [Node("input", (), d)]
         self.tensors: List[torch.Tensor] = []
+        self.dtypes: List[Tuple[str, torch.dtype]] = []
 
     def _tensor(self, t: Optional[torch.Tensor]) -> int:
         if t is None:
@@ -95,9 +99,22 @@ class GraphBuilder:
     def linear(self, h: int, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                where: str = "") -> int:
         n_in = self._width(h)
-        if weight.dim() != 2 or weight.shape[1] != n_in:
-            raise ValueError(f"hessmlp: {where or 'linear'}: weight {tuple(weight.shape)} does not "
-                             f"take {n_in} features")
+        if weight.dim() != 2:
+            raise ValueError(f"hessmlp: {where or 'linear'}: weight of shape {tuple(weight.shape)} is "
+                             "not a matrix")
+        if weight.shape[1] != n_in:
+            if h == 0:
+                raise ValueError(f"hessmlp: x has {n_in} features but {where or 'the first linear'} "
+                                 f"expects in_features={weight.shape[1]}")
+            src = h  # (the node that sets the input's width: back through stages and affine maps)
+            while self.nodes[src].kind in ("stage", "affine") and self.nodes[src].inputs:
+                src = self.nodes[src].inputs[0]
+            what = "x" if src == 0 else (self.nodes[src].where or f"node {src} ({self.nodes[src].kind})")
+            raise ValueError(f"hessmlp: {where or 'linear'} expects in_features={weight.shape[1]} but "
+                             f"{what} produces {n_in} features")
+        if weight.shape[0] == 0:
+            raise ValueError(f"hessmlp: {where or 'linear'} has out_features=0; every Linear layer "
+                             "needs at least one output feature")
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"hessmlp: {where or 'linear'}: bias {tuple(bias.shape)} for "
                              f"{weight.shape[0]} outputs")
@@ -105,7 +122,12 @@ class GraphBuilder:
                               (self._tensor(weight), self._tensor(bias)), where=where))
 
     def stage(self, h: int, acts: Sequence[Act], where: str = "") -> int:
-        return self._add(Node("stage", (h,), self._width(h), acts=tuple(acts), where=where))
+        """The functions composed in order: one node per MAX_STAGE_FUNCTIONS of them."""
+        acts = tuple(acts)
+        n = self._width(h)
+        for k in range(0, max(len(acts), 1), MAX_STAGE_FUNCTIONS):
+            h = self._add(Node("stage", (h,), n, acts=acts[k:k + MAX_STAGE_FUNCTIONS], where=where))
+        return h
 
     def affine(self, h: int, scale=1.0, shift=0.0, where: str = "") -> int:
         """scale * h + shift; scale and shift each a float or a tensor of 1 or width entries."""
@@ -150,7 +172,7 @@ class GraphBuilder:
         return self._add(Node("mul", (p, q), self._width(p), where=where))
 
     def build(self) -> Graph:
-        return Graph(list(self.nodes), list(self.tensors))
+        return Graph(list(self.nodes), list(self.tensors), list(self.dtypes))
 
 
 def _tensor(graph: Graph, i: int) -> Optional[torch.Tensor]:
@@ -209,26 +231,85 @@ def from_network(net: Network, d: int) -> Graph:
     return g.build()
 
 
-def as_chain(graph: Graph) -> Optional[Network]:
-    """The Network of a graph that is a chain (each node takes the one before: linear nodes,
-    each followed by at most one stage), else None."""
-    weights, biases, stages, where = [], [], [], []
-    for i, node in enumerate(graph.nodes[1:], start=1):
+class ChainLayout(NamedTuple):
+    """A chain's form of a graph's nodes (chain_layout): per Linear layer the indices of its
+    weight and bias (-1: none) in Graph.tensors, its stage and its node's where; the scalar
+    affine map a x + c before the first layer."""
+    weights: Tuple[int, ...]
+    biases: Tuple[int, ...]
+    stages: Tuple[Tuple[Act, ...], ...]
+    where: Tuple[str, ...]
+    pre: Tuple[float, float]
+
+
+def chain_layout(nodes: Sequence[Node]) -> Optional[ChainLayout]:
+    """The chain form of a graph's nodes, else None: each node takes the one before; linear
+    nodes, between them stages and affine maps by constant scalars (merged into one stage of
+    at most MAX_STAGE_FUNCTIONS functions); before the first linear node only affine maps by
+    constant scalars."""
+    weights: List[int] = []
+    biases: List[int] = []
+    stages: List[List[Act]] = []
+    where: List[str] = []
+    pre_a, pre_c = 1.0, 0.0
+    for i, node in enumerate(nodes[1:], start=1):
         if node.inputs != (i - 1,):
             return None
         if node.kind == "linear":
-            W, b = (_tensor(graph, t) for t in node.tensors)
-            weights.append(W)
-            biases.append(b)
+            weights.append(node.tensors[0])
+            biases.append(node.tensors[1])
             stages.append([])
             where.append(node.where)
-        elif node.kind == "stage" and weights and not stages[-1]:
-            stages[-1] = list(node.acts)
+            continue
+        if node.kind == "affine" and node.tensors == (-1, -1):
+            acts = [Act("affine", *node.consts)]
+        elif node.kind == "stage":
+            acts = [a for a in node.acts if a.name != "identity"]
         else:
             return None
+        if weights:
+            stages[-1] += acts
+            continue
+        for a in acts:
+            if a.name != "affine":
+                return None  # (a function of x before the first Linear)
+            pre_a, pre_c = a.p0 * pre_a, a.p0 * pre_c + a.p1
     if not weights:
         return None
-    return Network(weights, biases, stages, where)
+    for k, acts in enumerate(stages):
+        # Runs of affine maps merged, then no-op ones ("h * 1") dropped: an empty stage is the
+        # identity in the kernels.
+        merged: List[Act] = []
+        for a in acts:
+            if a.name == "affine" and merged and merged[-1].name == "affine":
+                b = merged.pop()
+                a = Act("affine", a.p0 * b.p0, a.p0 * b.p1 + a.p1)
+            merged.append(a)
+        stages[k] = [a for a in merged if not (a.name == "affine" and a.p0 == 1.0 and a.p1 == 0.0)]
+        if len(stages[k]) > MAX_STAGE_FUNCTIONS:
+            return None  # (the graph op composes longer runs)
+    return ChainLayout(tuple(weights), tuple(biases), tuple(tuple(s) for s in stages), tuple(where),
+                       (pre_a, pre_c))
+
+
+def chain_network(layout: ChainLayout, tensors: Sequence[torch.Tensor]) -> Network:
+    """The Network of a chain layout with these tensors: an affine map before the first layer
+    folded into it, W (a x + c) + b = (a W) x + (b + c W 1)."""
+    weights = [tensors[i] for i in layout.weights]
+    biases = [None if i < 0 else tensors[i] for i in layout.biases]
+    a, c = layout.pre
+    if (a, c) != (1.0, 0.0):
+        W0, b0 = weights[0], biases[0]
+        shift = c * W0.sum(dim=1)
+        weights[0] = a * W0
+        biases[0] = shift if b0 is None else b0 + shift
+    return Network(weights, biases, [list(s) for s in layout.stages], list(layout.where))
+
+
+def as_chain(graph: Graph) -> Optional[Network]:
+    """The Network of a graph that is a chain (chain_layout), else None."""
+    layout = chain_layout(graph.nodes)
+    return None if layout is None else chain_network(layout, graph.tensors)
 
 
 def op_arguments(graph: Graph):

@@ -1,30 +1,31 @@
-"""Reading a module's forward as a graph network (docs/design.md §9), with torch.fx.
-
-The step of the graph work that comes before the public functions take graphs: graph_of
-reads residual additions, concatenations, products, per-feature or scalar affine maps
-(constant or learnable), slices and the elementwise functions the chain reader knows, from
-the same trace as the chain reader (_spec._FxChain, whose helpers it shares), into plain
-records whose tensors are attribute paths; graph_of resolves them into a Graph with the
-model's current tensors.
+"""hessmlp's one reader (docs/design.md §9): a module's forward, traced with torch.fx (or an
+nn.Sequential, entry by entry), read into plain records: linear layers, stages of elementwise
+functions, residual additions, concatenations, products, per-feature or scalar affine maps
+(constant or learnable), slices and selections. Records are kept on the model under its
+fingerprint (cached_records), and under torch.compile are a constant of the compiled code
+(compiled_structure). graph_of resolves them into a Graph with the model's current tensors
+(per model a _Plan keeps the built structure: planned_graph); a graph that is a chain
+(hessmlp/_graph.py, chain_layout) runs through the op mlp_jet, any other through graph_jet.
 """
 from __future__ import annotations
 
 import math
 import operator
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._graph import Graph, GraphBuilder
+from ._graph import Graph, GraphBuilder, as_chain, chain_layout
 from .nn import Sine
-from ._spec import (_ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _GRAPH_CACHE_ATTR, _RESHAPES,
-                    Act, _FxChain, _cached, _cached_steps, _check_global_hooks, _check_hooks, _fingerprint, _get,
+from ._spec import (MAX_STAGE_FUNCTIONS, _ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _CACHE_ATTR, _RESHAPES,
+                    Act, Network, _FxChain, _cached, _check_global_hooks, _check_hooks, _fingerprint, _get,
                     _join, _module_steps, _refuse, _weight, UnsupportedModelError, check_compiled_key,
                     check_constant, unwrap)
 
-__all__ = ["graph_of"]
+__all__ = ["graph_of", "network_of"]
 
 # A record: (kind, where, inputs (record indices), payload). Tensor specs in payloads: a path,
 # ("t", spec) (a transpose), ("weight_norm", ...) (_spec._weight), ("neg", spec), ("recip", spec),
@@ -250,6 +251,8 @@ class _FxGraph(_FxChain):
             if op == "sub":
                 return self._add("add", where, (a, self._add("affine", where, (b,), (-1.0, 0.0))))
             if op == "mul":
+                if a == b:  # h * h: the square, a stage of its own
+                    return self._add("stage", where, (a,), (Act("square"),))
                 return self._add("mul", where, (a, b))
             raise _refuse(where, "a division by a computed tensor")
         left = self._computed(lhs)
@@ -396,12 +399,12 @@ def cached_records(model: nn.Module, input_widths=None, read: bool = True) -> Op
     (its source is unknown: read every call). read=False: the kept records while they are
     current, else None (cheap: no tracing)."""
     model = unwrap(model)
-    if not read and _GRAPH_CACHE_ATTR not in model.__dict__:
+    if not read and _CACHE_ATTR not in model.__dict__:
         return None
     _check_global_hooks()
     key = (_fingerprint(model), None if input_widths is None else tuple(input_widths))
     keep = lambda recs: not any(_literal(payload) for _, _, _, payload in recs)  # noqa: E731
-    return _cached(model, _GRAPH_CACHE_ATTR, key,
+    return _cached(model, _CACHE_ATTR, key,
                    lambda recs: (item for kind, _, _, item in recs if kind == "const"),
                    (lambda: _records(model, input_widths)) if read else None, keep)
 
@@ -411,21 +414,40 @@ def graph_of(model: nn.Module, d: int, input_widths=None, records=None) -> Graph
     input_widths: the widths of the forward's several tensor inputs (d their sum); records:
     cached_records' (read here when not given)."""
     model = unwrap(model)
-    g = GraphBuilder(d)
-    ids: List[int] = []
     if records is None:
         records = cached_records(model, input_widths)
+    return _build(model, d, records)[0]
+
+
+def _build(model: nn.Module, d: int, records):
+    """(the graph of records with the model's current tensors, and per tensor of it how it
+    was read: (resolver, spec) for _value)."""
+    g = GraphBuilder(d)
+    ids: List[int] = []
+    read = {}  # id(tensor) -> (resolver, spec)
+
+    def tensor(spec):
+        t = _tensor(model, spec)
+        read.setdefault(id(t), (_tensor, spec))
+        return t
+
+    def operand(spec):
+        v = _resolve(model, spec)
+        if isinstance(v, torch.Tensor):
+            read.setdefault(id(v), (_resolve, spec))
+        return v
+
     for kind, where, inputs, payload in records:
         ins = [ids[i] for i in inputs]
         if kind == "input":
             ids.append(0)
         elif kind == "linear":
-            W, b = _tensor(model, payload[0]), None if payload[1] is None else _tensor(model, payload[1])
+            W, b = tensor(payload[0]), None if payload[1] is None else tensor(payload[1])
             ids.append(g.linear(ins[0], W, b, where=where))
         elif kind == "stage":
             ids.append(g.stage(ins[0], payload, where=where))
         elif kind == "affine":
-            ids.append(g.affine(ins[0], _resolve(model, payload[0]), _resolve(model, payload[1]), where=where))
+            ids.append(g.affine(ins[0], operand(payload[0]), operand(payload[1]), where=where))
         elif kind == "add":
             ids.append(g.add(*ins, where=where))
         elif kind == "concat":
@@ -443,7 +465,10 @@ def graph_of(model: nn.Module, d: int, input_widths=None, records=None) -> Graph
             if what == "width" and value != n:
                 raise UnsupportedModelError(
                     f"hessmlp: the reshape to (-1, {value}) at {where} is not the identity on this "
-                    f"model's ({n} features there)")
+                    f"model's ({n} features there): hessmlp reads reshapes only where they change "
+                    "nothing")
+            if what == "dtype":
+                g.dtypes.append((where, value))
             ids.append(ins[0])
         elif kind == "const":
             if torch.compiler.is_compiling():
@@ -451,45 +476,103 @@ def graph_of(model: nn.Module, d: int, input_widths=None, records=None) -> Graph
             ids.append(-1)
         elif kind == "literal":
             ids.append(-1)
-    return g.build()
+    graph = g.build()
+    return graph, [read[id(t)] for t in graph.tensors]
 
 
-def _structure(model: nn.Module, input_widths=None):
-    """("chain", steps) for a chain (_spec's), ("graph", records) for a graph network, or the
-    refusal: what the public functions compute for ``model`` (eager: kept on the model)."""
-    if input_widths is None:
-        try:
-            return "chain", _cached_steps(model)
-        except UnsupportedModelError as chain_error:
-            try:
-                records = cached_records(model)
-            except ValueError as e:  # (UnsupportedModelError included)
-                raise e from None
-            if not any(kind == "linear" for kind, *_ in records):
-                raise chain_error
-            return "graph", records
-    return "graph", cached_records(model, input_widths)
+class _Plan:
+    """A graph network's structure for one model, records and input width (kept while they
+    are the same): its nodes, how to read each of its tensors, their shapes, and whether it
+    is a chain (its ChainLayout, or None). Each call reads the tensors again and checks their
+    shapes."""
+    __slots__ = ("records", "d", "nodes", "specs", "shapes", "dtypes", "chain")
+
+    def __init__(self, records, d, graph, specs):
+        self.records, self.d = records, d
+        self.nodes, self.specs, self.dtypes = graph.nodes, specs, graph.dtypes
+        self.shapes = [t.shape for t in graph.tensors]
+        self.chain = chain_layout(graph.nodes)
+
+
+# Per model (weakly): its plans, by input width and input widths.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def planned_graph(model: nn.Module, d: int, input_widths, records):
+    """(graph_of(model, d, input_widths, records), its chain_layout or None), from the model's
+    plan for these records when it has one (eager only): the tensors read again, their
+    shapes compared with the plan's (a tensor of another shape builds the graph again, with
+    its checks)."""
+    plans = _PLANS.setdefault(model, {})
+    key = (d, input_widths)
+    plan = plans.get(key)
+    if plan is not None and plan.records is records:
+        tensors = [resolver(model, spec) for resolver, spec in plan.specs]
+        if all(t.shape == s for t, s in zip(tensors, plan.shapes)):
+            return Graph(plan.nodes, tensors, plan.dtypes), plan.chain
+    graph, specs = _build(model, d, records)
+    plan = _Plan(records, d, graph, specs)
+    plans[key] = plan
+    return graph, plan.chain
+
+
+def structure(model: nn.Module, input_widths=None):
+    """The records of ``model`` (cached_records), refused when they have no linear node."""
+    records = cached_records(model, input_widths)
+    if not any(kind == "linear" for kind, *_ in records):
+        raise UnsupportedModelError(
+            f"hessmlp: the model has no nn.Linear layer ({type(model).__name__}); hessmlp computes "
+            "Hessians of networks built from Linear layers and elementwise functions")
+    return records
+
+
+def _input_width(model: nn.Module, records) -> Optional[int]:
+    """d for records whose input reaches a linear node through width-preserving nodes only (a
+    chain's): that node's in_features; else None."""
+    for kind, _, _, payload in records[1:]:
+        if kind == "linear":
+            return _tensor(model, payload[0]).shape[1]
+        if kind not in ("stage", "affine", "check", "const", "literal"):
+            break
+    return None
+
+
+def network_of(model: nn.Module) -> Network:
+    """The chain form of ``model`` (Linear layers and stages of elementwise functions), with its
+    current parameters; a graph network (residuals, concatenations, products) is refused."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
+    records = structure(model)
+    d = _input_width(model, records)
+    net = None if d is None else as_chain(graph_of(model, d, records=records))
+    if net is None:
+        raise UnsupportedModelError(
+            f"hessmlp: {type(model).__name__} is not a chain of Linear layers with at most "
+            f"{MAX_STAGE_FUNCTIONS} elementwise functions between them (it has residuals, "
+            "concatenations, products, learnable operands or longer runs of functions): hessmlp's "
+            "functions compute it as a graph network; network_of describes chains only")
+    return net
 
 
 def _compiled(model: nn.Module, input_widths=None):
-    kind, structure = _structure(model, input_widths)
-    if kind == "graph":
-        for _, where, _, payload in structure:
-            if _literal(payload):
-                raise UnsupportedModelError(
-                    f"hessmlp: at {where} the forward uses a tensor that is neither a parameter nor "
-                    "a buffer of the model (a plain tensor attribute, or one the forward makes "
-                    "from a buffer's entries): compiled code cannot follow its value. Register it "
-                    "as a buffer (self.register_buffer('name', tensor)) or as a parameter, or "
-                    "call hessmlp outside torch.compile")
-    return kind, structure
+    records = structure(model, input_widths)
+    for _, where, _, payload in records:
+        if _literal(payload):
+            raise UnsupportedModelError(
+                f"hessmlp: at {where} the forward uses a tensor that is neither a parameter nor a "
+                "buffer of the model (a plain tensor attribute, or one the forward makes from a "
+                "buffer's entries): compiled code cannot follow its value. Register it as a "
+                "buffer (self.register_buffer('name', tensor)) or as a parameter, or call hessmlp "
+                "outside torch.compile")
+    return records
 
 
 _constant_structure = torch.compiler.assume_constant_result(_compiled)
 
 
 def compiled_structure(model: nn.Module, input_widths=None):
-    """_structure under torch.compile: a constant of the compiled code, which dynamo guards on
+    """The records under torch.compile: a constant of the compiled code, which dynamo guards on
     (the model's key, _spec.check_compiled_key) and checks (scalars read as constants)."""
     model = unwrap(model)
     check_compiled_key(model)

@@ -1,13 +1,16 @@
-"""Turn an nn.Module into the flat network description of the mlp_jet op.
+"""What hessmlp reads of an nn.Module, shared by its one reader (hessmlp/_graph_reader.py):
 
-A network is a chain  Linear, elementwise functions, Linear, ...  The
-elementwise functions between two Linear layers (and after the last one) form
-a "stage"; the C++ kernels compose each stage by the chain rule. Constant
-scalar affine maps (``30.0 * h``, ``h / 2 + 1``) are elementwise functions too;
-before the first Linear they are folded into its weight and bias.
+  - the flat chain description the op mlp_jet takes (Network, Act, ACT_CODES);
+  - single modules as steps (_module_steps: nn.Linear, activations, weight norm, dropout);
+  - the torch.fx trace and its helpers (_FxChain: where a node is in the user's code, scalar
+    constants, elementwise functions, reshapes that are the identity);
+  - the model's fingerprint and the structure cache kept on the model (_fingerprint,
+    _cached), and under torch.compile the key dynamo guards on (check_compiled_key).
 
-nn.Sequential models are read directly; any other module is traced with
-torch.fx and must be a straight chain of supported calls.
+Elementwise functions between two Linear layers (and after the last one) form a "stage"; the
+C++ kernels compose each stage by the chain rule. Constant scalar affine maps (``30.0 * h``,
+``h / 2 + 1``) are elementwise functions too; before the first Linear of a chain they are
+folded into its weight and bias (hessmlp/_graph.py, chain_network).
 """
 from __future__ import annotations
 
@@ -106,10 +109,8 @@ _CHAIN_ADVICE = ("hessmlp computes exact Hessians of chains Linear -> elementwis
                  "Linear ...; write the model as such a chain (e.g. hessmlp.MLP)")
 
 
-# Where the chain reader meets a graph network (a residual, a concatenation, a product, a
-# learnable or per-feature operand): the public functions then read the model with the graph
-# reader (hessmlp/_graph_reader.py), eagerly and under torch.compile alike; these messages
-# reach a user only for a model without any nn.Linear layer.
+# Advice where a model is read as a graph network rather than a chain (a residual, a
+# concatenation, a product, a learnable or per-feature operand).
 _GRAPH_ADVICE_SHORT = "hessmlp reads such a model as a graph network (docs/design.md §9)"
 _GRAPH_ADVICE = (_GRAPH_ADVICE_SHORT + ", which needs at least one nn.Linear layer")
 
@@ -207,9 +208,8 @@ def _module_steps(m: nn.Module, where: str, path: str) -> List[Step]:
         for name, child in m._modules.items():
             steps += _module_steps(child, f"{where}[{name}]", _join(path, name))
         return steps
-    if not type(m).__module__.startswith("torch."):
-        # A user's own module inside a Sequential: its forward must be a chain too.
-        return _FxChain(m, where, path).steps()
+    if not type(m).__module__.startswith("torch."):  # (the graph reader traces them through)
+        raise _refuse(where, f"the module {type(m).__name__} called with its own forward")
     if type(m).__module__ == "torch.nn.modules.activation":
         raise _refuse(where, f"the activation {type(m).__name__}",
                       "it is not one of the elementwise functions hessmlp reads")
@@ -487,36 +487,6 @@ class _FxChain:
             what = f"'{op}' of two computed tensors"
         return _refuse(self._where(node), what, _GRAPH_ADVICE)
 
-    def _no_chain(self, node: fx.Node, inp: fx.Node, cur: fx.Node) -> UnsupportedModelError:
-        """Why a node that does not take the current end ``cur`` of the chain directly is
-        refused (``inp``: the input)."""
-        used = [a for a in node.all_input_nodes if self._is_computed(a)]
-        fn = node.target if node.op == "call_function" else getattr(torch, str(node.target), None)
-        if fn in (torch.cat, torch.concat, torch.stack, torch.hstack):
-            what = ("a concatenation of computed tensors (torch.cat: a skip-concat of the input, "
-                    "Fourier features or a positional encoding)")
-            advice = _GRAPH_ADVICE
-        elif cur in node.all_input_nodes and len(used) > 1:  # (cur inside a list or tuple)
-            what = f"two branches merged ({getattr(fn, '__name__', node.target)})"
-            advice = _GRAPH_ADVICE
-        elif not used and any(self._is_learnable_scalar(a) for a in node.all_input_nodes):
-            name = next(a.target for a in node.all_input_nodes if self._is_learnable_scalar(a))
-            return self._learnable(node, name)
-        elif not used:
-            what = ("a tensor computed from parameters or buffers alone (a weight computed in "
-                    "forward, such as g * v / |v|)")
-            advice = ("hessmlp reads weights from nn.Linear and F.linear of a parameter; use "
-                      "torch.nn.utils.parametrizations.weight_norm, which nn.Linear exposes as its "
-                      "weight")
-        elif inp in used:
-            what = ("the input used a second time (a skip connection, or branches from the input "
-                    "such as Fourier features sin(x @ B), cos(x @ B))")
-            advice = _GRAPH_ADVICE
-        else:
-            what = "a hidden state used a second time (a residual connection or a branch)"
-            advice = _GRAPH_ADVICE
-        return _refuse(self._where(node), what, advice)
-
     def _constant_value(self, node: fx.Node) -> Optional[float]:
         """torch.tensor(2.0) / torch.as_tensor(2.0), with any dtype or device (x.dtype): a
         scalar constant."""
@@ -585,33 +555,6 @@ class _FxChain:
             if node.op == "output":
                 break
         return (inputs[0] if n_inputs == 1 else inputs), work
-
-    def steps(self) -> List[Step]:
-        inp, nodes = self._walk()
-        cur = inp
-        steps: List[Step] = []
-        for node in nodes:
-            if node.op == "output":
-                if node.args[0] is not cur:
-                    raise _refuse(self._where(node), f"returning {node.args[0]!r}",
-                                  "the forward must return the single tensor at the end of its "
-                                  "chain")
-                break
-            args, kwargs = list(node.args), dict(node.kwargs)
-            uses = [a for a in list(args) + list(kwargs.values()) if a is cur]
-            if node.op == "call_method" and args and args[0] is not cur and cur in args[1:] \
-                    and node.target in _ARITH_METHODS:
-                pass  # a constant's method with the chain as operand (buffer.mul(h)): _affine
-            elif node.op == "call_method" and (not args or args[0] is not cur):
-                raise self._no_chain(node, inp, cur)
-            elif not uses:
-                raise self._no_chain(node, inp, cur)
-            steps += self._node_steps(node, cur, args, kwargs)
-            cur = node
-        if self.literal_reads:  # (the graph reader reads them every call)
-            raise _refuse(self.literal_reads[0][0], "a scalar taken from a tensor the forward makes "
-                          "while it runs", _GRAPH_ADVICE)
-        return steps + self.consts
 
     def _identity(self, node, name, args, kwargs) -> Optional[List[Step]]:
         """[] (or a width check) when a reshape or conversion is the identity on (B, n)
@@ -770,14 +713,13 @@ class _FxChain:
 # now: submodules replaced, added or removed, hyperparameters changed (Softplus.beta, a float
 # attribute a forward uses), hooks, train/eval, a copy. Compiled code reads it as a constant
 # attribute; dynamo guards on what the fingerprint reads.
-_CACHE_ATTR = "_hessmlp_structure"
+_CACHE_ATTR = "_hessmlp_structure"  # (hessmlp/_graph_reader.py's records)
 
 # (torch.compiler.assume_constant_result takes a module argument from torch 2.13 on, the
 # oldest torch hessmlp supports.)
 
 # nn.Module's own bookkeeping (parameters, buffers, children and hooks are fingerprinted apart).
-_GRAPH_CACHE_ATTR = "_hessmlp_graph"  # (hessmlp/_graph_reader.py's, for graph networks)
-_MODULE_ATTRS = frozenset(nn.Module().__dict__) | {_CACHE_ATTR, _GRAPH_CACHE_ATTR}
+_MODULE_ATTRS = frozenset(nn.Module().__dict__) | {_CACHE_ATTR}
 _PLAIN = (bool, int, float, str, complex, type(None), torch.dtype, torch.device)
 
 
@@ -859,15 +801,6 @@ def _check_global_hooks() -> None:
             f"(.remove() on its handle) around hessmlp's calls. {_SEE}")
 
 
-def _compute_steps(model: nn.Module) -> Tuple[Step, ...]:
-    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
-        return tuple(_module_steps(model, "model", ""))
-    if type(model) in _DIRECT:
-        return tuple(_module_steps(model, "model", ""))
-    _check_hooks(model, type(model).__name__)
-    return tuple(_FxChain(model, type(model).__name__).steps())
-
-
 def _cached(model: nn.Module, attr: str, key, consts, compute=None, keep=lambda value: True):
     """A structure kept on the model in attr with the key it was read under (its fingerprint):
     the kept one while the key is the same and every (path, value) of consts(it), the scalars
@@ -883,15 +816,6 @@ def _cached(model: nn.Module, attr: str, key, consts, compute=None, keep=lambda 
     if keep(value):
         model.__dict__[attr] = (key, value)
     return value
-
-
-def _cached_steps(model: nn.Module) -> Tuple[Step, ...]:
-    return _cached(model, _CACHE_ATTR, _fingerprint(model),
-                   lambda steps: (item for kind, _, item in steps if kind == "const"),
-                   lambda: _compute_steps(model))
-
-
-_constant_steps = torch.compiler.assume_constant_result(_cached_steps)
 
 
 @torch.compiler.assume_constant_result
@@ -910,7 +834,7 @@ def _held_plain(v) -> tuple:
 
 
 def _compiled_key(model: nn.Module) -> tuple:
-    """The part of the fingerprint that dynamo traces and guards on (_steps_of compares it with
+    """The part of the fingerprint that dynamo traces and guards on (check_compiled_key compares it with
     its value at trace time, so that dynamo reads all of it): a compiled function is
     compiled again when a submodule is replaced, a hyperparameter, a plain attribute of a
     module, of its class or of a config it holds, or the training flag changes, or a hook comes
@@ -935,15 +859,6 @@ def _compiled_key(model: nn.Module) -> tuple:
 _constant_key = torch.compiler.assume_constant_result(lambda model: _compiled_key(model))
 
 
-def _steps_of(model: nn.Module) -> Tuple[Step, ...]:
-    """The structure of ``model``: plain data, read again only when its fingerprint changed."""
-    if not torch.compiler.is_compiling():
-        _check_global_hooks()
-        return _cached_steps(model)
-    check_compiled_key(model)
-    return _constant_steps(model)
-
-
 def check_compiled_key(model: nn.Module) -> None:
     """Under torch.compile, before a structure is taken as a constant: comparing the traced key
     with its value at trace time makes dynamo read (and guard on) every entry; they are equal
@@ -960,10 +875,6 @@ def check_constant(model: nn.Module, where: str, item) -> None:
     torch._assert_async(t.isnan() if value != value else t == value,
                         f"hessmlp: the tensor '{path}' read as a constant at {where} changed since "
                         "this code was compiled; call torch.compiler.reset()")
-
-
-# Single modules that are read directly rather than traced.
-_DIRECT = (nn.Linear,)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -996,66 +907,8 @@ def _weight(model: nn.Module, spec) -> torch.Tensor:
     return torch._weight_norm(_get(model, v), _get(model, g), dim)
 
 
-def network_of(model: nn.Module, steps: Optional[Tuple[Step, ...]] = None) -> Network:
-    """The flat description of ``model``, with its current parameters (steps: its structure,
-    read here when not given)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
-    model = unwrap(model)
-    if steps is None:
-        steps = _steps_of(model)
-    pre: List[Tuple[str, Act]] = []
-    weights: List[torch.Tensor] = []
-    biases: List[Optional[torch.Tensor]] = []
-    stages: List[List[Act]] = []
-    where: List[str] = []
-    checks: List[tuple] = []
-    for kind, w, item in steps:
-        if kind in ("width", "dtype"):
-            checks.append((kind, w, item, len(weights) - 1))
-        elif kind == "const":
-            if torch.compiler.is_compiling():
-                check_constant(model, w, item)
-        elif kind == "linear":
-            W, b = _weight(model, item[0]), None if item[1] is None else _get(model, item[1])
-            weights.append(W)
-            biases.append(b)
-            stages.append([])
-            where.append(w)
-        elif not weights:
-            if item.name != "identity":  # (x ** 1)
-                pre.append((w, item))
-        elif item.name != "identity":
-            stages[-1].append(item)
-    if not weights:
-        raise UnsupportedModelError(
-            f"hessmlp: the model has no nn.Linear layer ({type(model).__name__}); hessmlp computes "
-            "Hessians of networks built from Linear layers and elementwise functions")
-    if pre:
-        a, c = 1.0, 0.0
-        for w, act in pre:
-            if act.name != "affine":
-                raise UnsupportedModelError(
-                    f"hessmlp: {act.name} at {w}, before the first Linear layer, is not supported: "
-                    "only constant scalar scaling and shifts of x may come before it")
-            a, c = act.p0 * a, act.p0 * c + act.p1
-        # W (a x + c) + b = (a W) x + (b + c W 1)
-        W0, b0 = weights[0], biases[0]
-        shift = c * W0.sum(dim=1)
-        weights[0] = a * W0
-        biases[0] = shift if b0 is None else b0 + shift
-    for l, s in enumerate(stages):
-        # Merge runs of affine maps, then drop no-op ones ("h * 1"); an empty stage is the
-        # identity in the kernels.
-        merged: List[Act] = []
-        for a in s:
-            if a.name == "affine" and merged and merged[-1].name == "affine":
-                b = merged.pop()
-                a = Act("affine", a.p0 * b.p0, a.p0 * b.p1 + a.p1)
-            merged.append(a)
-        s[:] = [a for a in merged if not (a.name == "affine" and a.p0 == 1.0 and a.p1 == 0.0)]
-        if len(s) > MAX_STAGE_FUNCTIONS:
-            raise UnsupportedModelError(
-                f"hessmlp: {len(s)} elementwise functions follow {where[l]} before the next Linear "
-                f"layer; at most {MAX_STAGE_FUNCTIONS} are supported there")
-    return Network(weights, biases, stages, where, checks)
+def network_of(model: nn.Module) -> Network:
+    """The chain form of ``model`` (hessmlp/_graph_reader.py's network_of)."""
+    from ._graph_reader import network_of as chain_of
+
+    return chain_of(model)

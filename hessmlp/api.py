@@ -9,7 +9,8 @@ from torch import nn
 
 from . import _memory, _ops  # noqa: F401  (_ops registers the fake kernels)
 from ._memory import memory_budget, set_memory_budget
-from ._spec import Network, UnsupportedModelError, network_of, unwrap
+from ._graph import chain_layout, chain_network
+from ._spec import Network, UnsupportedModelError, unwrap
 
 __all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian", "set_memory_budget",
            "memory_budget"]
@@ -39,44 +40,6 @@ def _check_x(x) -> torch.Tensor:
         raise TypeError(f"hessmlp: x must be float32 or float64, got {x.dtype}; "
                         "convert it with x.float() or x.double()")
     return x
-
-
-def _check_network(net: Network, x: torch.Tensor) -> None:
-    d = x.shape[-1]
-    expected = net.weights[0].shape[1]
-    if d != expected:
-        raise ValueError(f"hessmlp: x has {d} features but {net.where[0]} (the first Linear) "
-                         f"expects in_features={expected}")
-    for l, (W, b, where) in enumerate(zip(net.weights, net.biases, net.where)):
-        if W.shape[0] == 0:
-            raise ValueError(f"hessmlp: {where} has out_features=0; every Linear layer needs at "
-                             "least one output feature")
-        for name, t in (("weight", W), ("bias", b)):
-            if t is None:
-                continue
-            if t.dtype != x.dtype:
-                raise TypeError(
-                    f"hessmlp: x is {x.dtype} but the {name} of {where} is {t.dtype}; convert one of "
-                    f"them (model.to({x.dtype}) or x.to({t.dtype}))")
-            if t.device != x.device:
-                raise ValueError(f"hessmlp: x is on {x.device} but the {name} of {where} is on "
-                                 f"{t.device}; move them to one device")
-        if l > 0 and W.shape[1] != net.weights[l - 1].shape[0]:
-            raise ValueError(
-                f"hessmlp: {where} expects in_features={W.shape[1]} but {net.where[l - 1]} produces "
-                f"{net.weights[l - 1].shape[0]} features")
-    for kind, where, value, layer in net.checks:
-        if kind == "width":
-            n = d if layer < 0 else net.weights[layer].shape[0]
-            if value != n:
-                raise UnsupportedModelError(
-                    f"hessmlp: the reshape to (-1, {value}) at {where} is not the identity on this "
-                    f"model's ({n} features there): hessmlp reads reshapes only where they change "
-                    "nothing")
-        elif value != x.dtype:
-            raise UnsupportedModelError(
-                f"hessmlp: the conversion to {value} at {where} would change x's dtype {x.dtype}; "
-                f"pass x as {value} (and the model in {value})")
 
 
 def _output_index(output, m: int) -> int:
@@ -149,33 +112,44 @@ def _joined_inputs(parts):
     return torch.cat(parts, dim=-1), tuple(t.shape[-1] for t in parts)
 
 
-def _graph_network(model: nn.Module, x: torch.Tensor, chain_error: Optional[Exception],
-                   input_widths=None, records=None):
-    """The graph of a model that is not a chain (docs/design.md §9), checked against x."""
+def _graph_network(model: nn.Module, x: torch.Tensor, input_widths, records):
+    """The graph of ``model`` (docs/design.md §9) from its records, checked against x, and its
+    chain layout (None: not a chain)."""
     from . import _graph_reader
 
     d = x.shape[-1]
     try:
-        graph = _graph_reader.graph_of(model, d, input_widths, records)
+        if torch.compiler.is_compiling():
+            graph = _graph_reader.graph_of(model, d, input_widths, records)
+            layout = chain_layout(graph.nodes)
+        else:
+            graph, layout = _graph_reader.planned_graph(model, d, input_widths, records)
     except ValueError as e:  # (UnsupportedModelError included)
         raise e from None
-    if not any(node.kind == "linear" for node in graph.nodes):
-        if chain_error is not None:
-            raise chain_error
-        raise UnsupportedModelError(f"hessmlp: the model has no nn.Linear layer ({type(model).__name__})")
-    for node in graph.nodes:
-        for i in node.tensors:
+    dtype, device = x.dtype, x.device
+    if all(t.dtype == dtype and t.device == device for t in graph.tensors):
+        nodes = ()  # (the common case: nothing to name)
+    else:
+        nodes = graph.nodes
+    for node in nodes:
+        names = ("weight", "bias") if node.kind == "linear" else ("scale", "shift")
+        for name, i in zip(names, node.tensors):
             t = None if i < 0 else graph.tensors[i]
             if t is None:
                 continue
+            where = node.where or node.kind
             if t.dtype != x.dtype:
-                raise TypeError(f"hessmlp: x is {x.dtype} but a tensor of {node.where or node.kind} is "
-                                f"{t.dtype}; convert one of them (model.to({x.dtype}) or "
-                                f"x.to({t.dtype}))")
+                raise TypeError(f"hessmlp: x is {x.dtype} but the {name} of {where} is {t.dtype}; "
+                                f"convert one of them (model.to({x.dtype}) or x.to({t.dtype}))")
             if t.device != x.device:
-                raise ValueError(f"hessmlp: x is on {x.device} but a tensor of {node.where or node.kind} "
-                                 f"is on {t.device}; move them to one device")
-    return graph
+                raise ValueError(f"hessmlp: x is on {x.device} but the {name} of {where} is on "
+                                 f"{t.device}; move them to one device")
+    for where, dtype in graph.dtypes:
+        if dtype != x.dtype:
+            raise UnsupportedModelError(
+                f"hessmlp: the conversion to {dtype} at {where} would change x's dtype {x.dtype}; "
+                f"pass x as {dtype} (and the model in {dtype})")
+    return graph, layout
 
 
 def _run_graph(graph, x: torch.Tensor, mode: str, output, method: str) -> Jet:
@@ -187,7 +161,8 @@ def _run_graph(graph, x: torch.Tensor, mode: str, output, method: str) -> Jet:
                          "(residual, concatenation, products) takes method='forward' or 'auto'")
     if output is not None:  # a last node selecting output k
         k = _output_index(output, graph.m)
-        graph = Graph(graph.nodes + [Node("select", (len(graph.nodes) - 1,), 1, index=(k,))], graph.tensors)
+        graph = Graph(graph.nodes + [Node("select", (len(graph.nodes) - 1,), 1, index=(k,))], graph.tensors,
+                      graph.dtypes)
     batched = x.dim() == 2
     xb = x if batched else x.unsqueeze(0)
     B, d = xb.shape
@@ -237,33 +212,19 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
     model = unwrap(model)
+    # One reader for every model (docs/design.md §9): its records (plain data, kept on the
+    # model; under torch.compile a constant of the compiled code) give its graph; a graph that
+    # is a chain runs through mlp_jet (blocked forward jets, reverse-Gram, saved state), any
+    # other through graph_jet.
     if torch.compiler.is_compiling():
-        # The structure is a constant of the compiled code (chain or graph alike).
-        kind, structure = _graph_reader.compiled_structure(model, input_widths)
-        if kind == "graph":
-            _check_backend(x)
-            return _run_graph(_graph_network(model, x, None, input_widths, structure), x, mode,
-                              output, method)
-        net = network_of(model, structure)
-    elif input_widths is not None:
-        graph = _graph_network(model, x, None, input_widths)
-        _check_backend(x)
-        return _run_graph(graph, x, mode, output, method)
+        records = _graph_reader.compiled_structure(model, input_widths)
     else:
-        records = _graph_reader.cached_records(model, read=False)
-        if records is not None:  # (a graph network read before, and still the same)
-            _check_backend(x)
-            return _run_graph(_graph_network(model, x, None, records=records), x, mode, output,
-                              method)
-        try:
-            net = network_of(model)
-        except UnsupportedModelError as chain_error:
-            graph = _graph_network(model, x, chain_error)
-            _check_backend(x)
-            return _run_graph(graph, x, mode, output, method)
-    _check_network(net, x)
+        records = _graph_reader.structure(model, input_widths)
+    graph, layout = _graph_network(model, x, input_widths, records)
     _check_backend(x)
-    net = _select_output(net, output)
+    if layout is None:
+        return _run_graph(graph, x, mode, output, method)
+    net = _select_output(chain_network(layout, graph.tensors), output)
 
     batched = x.dim() == 2
     xb = x if batched else x.unsqueeze(0)

@@ -131,7 +131,7 @@ def test_named_architectures():
 
 def test_builder_checks_widths():
     g = GraphBuilder(3)
-    with pytest.raises(ValueError, match="does not take 3 features"):
+    with pytest.raises(ValueError, match="x has 3 features but the first linear expects in_features=4"):
         g.linear(0, torch.zeros(2, 4))
     h = g.linear(0, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="one width"):

@@ -285,7 +285,7 @@ def test_graph_network_refusals_through_the_public_functions():
     x = torch.randn(3, 3, dtype=f64)
     with pytest.raises(ValueError, match="method='reverse' serves chains"):
         hessmlp.hessian(model, x, method="reverse")
-    with pytest.raises(TypeError, match="x is torch.float32 but a tensor of"):
+    with pytest.raises(TypeError, match=r"x is torch.float32 but the weight of Linear \(ResidualPINN.inp\)"):
         hessmlp.hessian(model, x.float())
     with pytest.raises(ValueError, match="out of range"):
         hessmlp.hessian(model, x, output=1)
@@ -429,7 +429,7 @@ def test_compiled_graph_follows_changes():
 def test_graph_structure_is_cached_and_follows_changes():
     residual = ResidualPINN(alpha=0.5).double()
     hessmlp.hessian(residual, torch.randn(3, 3, dtype=f64))
-    assert "_hessmlp_graph" in residual.__dict__  # (read once, while the model stays as it is)
+    assert "_hessmlp_structure" in residual.__dict__  # (read once, while the model stays as it is)
     residual.alpha = 0.25  # a plain attribute: part of the fingerprint
     x3 = torch.randn(3, 3, dtype=f64)
     f = lambda xi: residual(xi.unsqueeze(0))[0]  # noqa: E731
@@ -439,7 +439,7 @@ def test_graph_structure_is_cached_and_follows_changes():
     model = AdaptivePINN().double()  # (ub - lb: a computation of buffers, replayed every call)
     x = torch.randn(3, 2, dtype=f64)
     h1 = hessmlp.hessian(model, x)
-    assert "_hessmlp_graph" in model.__dict__
+    assert "_hessmlp_structure" in model.__dict__
     with torch.no_grad():
         model.a.mul_(2.0)  # a learnable slope: a tensor of the op, read every call
         model.lb.add_(0.5)  # a buffer (in place: its version changes the fingerprint)
@@ -600,3 +600,51 @@ def test_data_parallel_wrappers_are_unwrapped(tmp_path):
         assert all(p.grad is not None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+# ---- one reader: chains are graphs, the plan kept per model ------------------------------------
+
+def test_chains_run_through_mlp_jet_and_graphs_through_graph_jet(monkeypatch):
+    from hessmlp import _graph_reader
+
+    chain = hessmlp.MLP(2, [8, 8], 1).double()
+    sdf = SkipSDF().double()
+    calls = []
+    for op in ("mlp_jet", "graph_jet"):
+        real = getattr(torch.ops.hessmlp, op)
+        monkeypatch.setattr(torch.ops.hessmlp, op, lambda *a, _r=real, _n=op: calls.append(_n) or _r(*a))
+    hessmlp.laplacian(chain, torch.randn(3, 2, dtype=f64))
+    hessmlp.laplacian(sdf, torch.randn(3, 3, dtype=f64))
+    assert calls == ["mlp_jet", "graph_jet"]
+    assert _graph_reader.network_of(chain).stage_sizes == [1, 1, 0]
+    with pytest.raises(UnsupportedModelError, match="network_of describes chains only"):
+        _graph_reader.network_of(sdf)
+
+
+def test_functions_before_the_first_linear_layer():
+    """An elementwise function of x before the first Linear: a graph (the chains' op folds only
+    scalar affine maps there)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Tanh(), nn.Linear(2, 8), nn.SiLU(), nn.Linear(8, 1)).double()
+    x = torch.randn(4, 2, dtype=f64)
+    assert_rel_close(hessmlp.hessian(model, x), _hessian_ref(model, x), f64, "tanh first")
+    scaled = nn.Sequential(hessmlp.nn.Sine(2.0), nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    assert_rel_close(hessmlp.hessian(scaled, x), _hessian_ref(scaled, x), f64, "sine first")
+
+
+def test_the_plan_follows_replaced_parameters():
+    """Parameters are read every call; one replaced by a tensor of another shape builds the
+    graph again (with its checks)."""
+    torch.manual_seed(0)
+    for model in (hessmlp.MLP(2, [8, 8], 1).double(), ResidualPINN(d=2, w=8).double()):
+        x = torch.randn(3, 2, dtype=f64)
+        hessmlp.laplacian(model, x)
+        first = model[0] if isinstance(model, nn.Sequential) else model.inp
+        with torch.no_grad():
+            first.weight = nn.Parameter(torch.randn_like(first.weight))  # same shape
+        assert_rel_close(hessmlp.hessian(model, x), _hessian_ref(model, x), f64, "same shape")
+        first.weight = nn.Parameter(torch.randn(first.weight.shape[0], 3, dtype=f64))  # d = 3 now
+        x3 = torch.randn(3, 3, dtype=f64)
+        assert_rel_close(hessmlp.hessian(model, x3), _hessian_ref(model, x3), f64, "d = 3")
+        with pytest.raises(ValueError, match="x has 2 features but .* expects in_features=3"):
+            hessmlp.hessian(model, x)
