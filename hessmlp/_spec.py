@@ -105,8 +105,9 @@ def _join(prefix: str, name: str) -> str:
 # Where every refusal points for the list of what hessmlp reads.
 _SEE = "See 'Supported models' in hessmlp's README for what it reads."
 
-_CHAIN_ADVICE = ("hessmlp computes exact Hessians of chains Linear -> elementwise functions -> "
-                 "Linear ...; write the model as such a chain (e.g. hessmlp.MLP)")
+_CHAIN_ADVICE = ("build this part from what hessmlp reads: Linear layers, elementwise functions, "
+                 "sums, concatenations, slices, products and scalings (hessmlp.MLP, ResidualMLP, "
+                 "FourierFeatures and ModifiedMLP are ready ones)")
 
 
 # Advice where a model is read as a graph network rather than a chain (a residual, a
@@ -116,8 +117,8 @@ _GRAPH_ADVICE = (_GRAPH_ADVICE_SHORT + ", which needs at least one nn.Linear lay
 
 
 def _refuse(where: str, what: str, advice: str = _CHAIN_ADVICE) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"hessmlp: {what} at {where} is not supported. {advice[:1].upper()}{advice[1:]}. {_SEE}")
+    advice = advice[:1].upper() + advice[1:] if not advice.startswith("hessmlp") else advice
+    return UnsupportedModelError(f"hessmlp: {what} at {where} is not supported. {advice}. {_SEE}")
 
 
 # ---------------------------------------------------------------- modules
@@ -214,8 +215,10 @@ def _module_steps(m: nn.Module, where: str, path: str) -> List[Step]:
         raise _refuse(where, f"the activation {type(m).__name__}",
                       "it is not one of the elementwise functions hessmlp reads")
     raise _refuse(where, f"{type(m).__name__}",
-                  "hessmlp reads nn.Linear layers and elementwise functions (normalisation layers, "
-                  "convolutions and attention are not supported)")
+                  "hessmlp reads no normalisation layers, convolutions or attention (their "
+                  "derivatives couple the samples or features in ways it does not compute): "
+                  "leave the layer out, or " + _CHAIN_ADVICE + "; a fixed input normalisation "
+                  "(x - mu) / sigma with buffers is read")
 
 
 def _gelu(approximate: str, where: str) -> Act:
@@ -402,8 +405,8 @@ class _FxChain:
                 why = "reading it as a graph failed there"
             raise UnsupportedModelError(
                 f"hessmlp: could not trace {name}.forward with torch.fx{at} ({type(e).__name__}: "
-                f"{e}): {why}. Write the model as an nn.Sequential or a straight chain of calls "
-                f"(see hessmlp.MLP). {_SEE}") from e
+                f"{e}): {why}. Write the forward without branching on tensor values (one graph "
+                f"of calls for every input), or as an nn.Sequential. {_SEE}") from e
         finally:
             # Tensor literals of the forward (torch.tensor(2.0)) become attributes of the model
             # while fx traces: keep them here, not on the user's model.
@@ -638,8 +641,8 @@ class _FxChain:
                     isinstance(self._attr(w), torch.Tensor) and self._attr(w).dim() == 2:
                 return [("linear", where, (("t", _join(self.path, w.target)), None))]
             raise _refuse(where, "a matrix product with a computed tensor",
-                          "hessmlp reads h @ W with W a parameter or buffer (a Linear without "
-                          "bias); " + _CHAIN_ADVICE)
+                          "hessmlp reads h @ W with W a parameter or buffer, or a tensor computed "
+                          "from them (a Linear without bias)")
         if fn is F.dropout:
             a = self._bind(node, args, kwargs, ("input", "p", "training", "inplace"),
                            {"p": 0.5, "training": True, "inplace": False})

@@ -648,3 +648,41 @@ def test_the_plan_follows_replaced_parameters():
         assert_rel_close(hessmlp.hessian(model, x3), _hessian_ref(model, x3), f64, "d = 3")
         with pytest.raises(ValueError, match="x has 2 features but .* expects in_features=3"):
             hessmlp.hessian(model, x)
+
+
+class _Unsupported(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.l, self.o = nn.Linear(3, 8), nn.Linear(8, 1)
+        self.norm = nn.LayerNorm(8) if kind == "layernorm" else nn.BatchNorm1d(8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.l(x)
+        if self.kind in ("layernorm", "batchnorm"):
+            h = self.norm(h)
+        elif self.kind == "attention":
+            h = self.att(h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1))[0][:, 0]
+        elif self.kind == "softmax":
+            h = torch.softmax(h, dim=-1)
+        elif self.kind == "branch":
+            if h.sum() > 0:
+                h = torch.tanh(h)
+        return self.o(h)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("layernorm", r"LayerNorm at LayerNorm \(_Unsupported\.norm\), test_graph_reader\.py:\d+: "
+                  r"h = self\.norm\(h\) is not supported\. hessmlp reads no normalisation layers"),
+    ("batchnorm", r"BatchNorm1d at BatchNorm1d \(_Unsupported\.norm\), test_graph_reader\.py:\d+: .*"
+                  r"leave the layer out"),
+    ("attention", r"Tensor\.unsqueeze at _Unsupported\.forward, test_graph_reader\.py:\d+: "
+                  r"h = self\.att\(.* is not supported\. Build this part from what hessmlp reads"),
+    ("softmax", r"function torch\.softmax at _Unsupported\.forward, test_graph_reader\.py:\d+"),
+    ("branch", r"could not trace _Unsupported\.forward .* test_graph_reader\.py:\d+: if h\.sum\(\) > 0.*"
+               r"branches on the values of its input"),
+])
+def test_refusals_name_the_module_and_line(kind, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        hessmlp.laplacian(_Unsupported(kind), torch.randn(4, 3))
