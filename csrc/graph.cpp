@@ -33,7 +33,8 @@ NodeKind parse_kind(const std::string& kind, int64_t i) {
 
 GraphSpec check_graph(const at::Tensor& x, at::TensorList tensors,
                       const std::vector<std::string>& kinds, at::IntArrayRef program,
-                      at::ArrayRef<double> consts, c10::string_view mode) {
+                      at::ArrayRef<double> consts, c10::string_view mode,
+                      const std::optional<at::Tensor>& seed) {
   GraphSpec spec;
   spec.mode = parse_mode(mode);
   TORCH_CHECK_VALUE(x.dim() == 2, "hessmlp: graph_jet: x must have shape [B, d], got ", x.sizes());
@@ -41,6 +42,20 @@ GraphSpec check_graph(const at::Tensor& x, at::TensorList tensors,
                    "hessmlp: graph_jet: x must be float32 or float64, got ", x.scalar_type());
   spec.batch = x.size(0);
   spec.d = x.size(1);
+  spec.k = spec.d;
+  if (seed.has_value() && seed->defined()) {
+    const at::Tensor& u = *seed;
+    TORCH_CHECK_VALUE(
+        (u.dim() == 2 || (u.dim() == 3 && u.size(0) == spec.batch)) && u.size(-1) == spec.d &&
+            u.size(-2) >= 1,
+        "hessmlp: graph_jet: seed must have shape [k, d] or [B, k, d] with k >= 1 (B = ", spec.batch,
+        ", d = ", spec.d, "), got ", u.sizes());
+    TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), "hessmlp: graph_jet: seed is ",
+                     u.scalar_type(), " but x is ", x.scalar_type());
+    TORCH_CHECK_VALUE(u.device() == x.device(), "hessmlp: graph_jet: seed is on ", u.device(),
+                      " but x is on ", x.device());
+    spec.k = u.size(-2);
+  }
   for (size_t t = 0; t < tensors.size(); ++t) {
     TORCH_CHECK_TYPE(tensors[t].scalar_type() == x.scalar_type(), "hessmlp: graph_jet: tensors[", t,
                      "] is ", tensors[t].scalar_type(), " but x is ", x.scalar_type());
@@ -236,9 +251,10 @@ int64_t widest(const GraphSpec& spec) {
 // of pool. keep_all: all of them (the backward's), else each goes back to the pool once its
 // last consumer has run (only the output is left).
 std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec, const at::Tensor& x,
-                                        at::TensorList tensors, bool keep_all, Pool& pool) {
+                                        const at::Tensor& seed, at::TensorList tensors, bool keep_all,
+                                        Pool& pool) {
   const Mode mode = spec.mode;
-  const int64_t B = x.size(0), d = spec.d, C = spec.cols();
+  const int64_t B = x.size(0), d = spec.k, C = spec.cols();  // (d: the directions)
   const at::TensorOptions opt = x.options();
   const int64_t n_nodes = static_cast<int64_t>(spec.nodes.size());
   std::vector<int64_t> last_use(n_nodes, n_nodes - 1);
@@ -246,10 +262,14 @@ std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec,
     for (int64_t in : spec.nodes[i].inputs) last_use[in] = i;
   }
   std::vector<at::Tensor> cols(n_nodes);
-  // The input: value x, T the identity, S = 0.
-  cols[0] = pool.zeros({B, C, d});
+  // The input: value x, T the directions (the seed's rows; without one the identity), S = 0.
+  cols[0] = pool.zeros({B, C, spec.d});
   cols[0].select(1, 0).copy_(x);
-  cols[0].narrow(1, 1, d).copy_(at::eye(d, opt).expand({B, d, d}));
+  if (!seed.defined()) {
+    cols[0].narrow(1, 1, d).copy_(at::eye(d, opt).expand({B, d, d}));
+  } else {
+    cols[0].narrow(1, 1, d).copy_(seed.dim() == 2 ? seed.expand({B, d, spec.d}) : seed);
+  }
   const at::Tensor none;
   for (int64_t i = 1; i < n_nodes; ++i) {
     const GraphNode& node = spec.nodes[i];
@@ -331,14 +351,15 @@ int64_t block_rows(const Kernels& k, const GraphSpec& spec, const at::Tensor& x)
 // tensors to grad_t (entries not needed are left alone) and writes those w.r.t. x into
 // grad_x when defined. gv, gj, gh: the gradients of the block's outputs (undefined: zero).
 void backward_block(const Kernels& k, const GraphSpec& spec, const at::Tensor& x,
-                    at::TensorList tensors, const at::Tensor& gv, const at::Tensor& gj,
-                    const at::Tensor& gh, const std::vector<bool>& needs,
-                    std::vector<at::Tensor>& grad_t, at::Tensor grad_x, Pool& pool) {
+                    const at::Tensor& seed, at::TensorList tensors, const at::Tensor& gv,
+                    const at::Tensor& gj, const at::Tensor& gh, const std::vector<bool>& needs,
+                    std::vector<at::Tensor>& grad_t, at::Tensor grad_x, at::Tensor& grad_seed,
+                    Pool& pool) {
   const Mode mode = spec.mode;
-  const int64_t B = x.size(0), d = spec.d, m = spec.m(), C = spec.cols();
+  const int64_t B = x.size(0), d = spec.k, m = spec.m(), C = spec.cols();  // (d: the directions)
   const at::TensorOptions opt = x.options();
   auto need = [&](int64_t ref) { return ref >= 0 && needs[1 + ref]; };
-  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, tensors, true, pool);
+  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, seed, tensors, true, pool);
   const int64_t n_nodes = static_cast<int64_t>(spec.nodes.size());
   // adj[i]: the adjoint of node i's jets [B, C, width], summed over its consumers; a buffer
   // of its own (the adjoints are changed in place), undefined while zero.
@@ -448,12 +469,21 @@ void backward_block(const Kernels& k, const GraphSpec& spec, const at::Tensor& x
     }
     if (!g_sent) pool.give(g);
   }
-  // The input's jets are (x, I, 0): only the value depends on x.
+  // The input's jets are (x, the seed, 0): the value row's adjoint is x's, the directions'
+  // the seed's (summed over the samples for a shared seed).
   if (grad_x.defined()) {
     if (adj[0].defined()) {
       grad_x.copy_(adj[0].select(1, 0));
     } else {
       grad_x.zero_();
+    }
+  }
+  if (grad_seed.defined() && adj[0].defined()) {
+    const at::Tensor g = adj[0].narrow(1, 1, d);
+    if (grad_seed.dim() == 2) {
+      grad_seed.add_(g.sum(0));
+    } else {
+      grad_seed.copy_(g);
     }
   }
 }
@@ -463,15 +493,16 @@ void backward_block(const Kernels& k, const GraphSpec& spec, const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
     const Kernels& k, const at::Tensor& x_in, at::TensorList tensors,
     const std::vector<std::string>& kinds, at::IntArrayRef program, at::ArrayRef<double> consts,
-    c10::string_view mode_name) {
-  const GraphSpec spec = check_graph(x_in, tensors, kinds, program, consts, mode_name);
+    c10::string_view mode_name, const std::optional<at::Tensor>& seed_in) {
+  const GraphSpec spec = check_graph(x_in, tensors, kinds, program, consts, mode_name, seed_in);
   // (hessmlp computes in the dtype of x and the tensors: see mlp_jet_run.)
   const Scope scope(x_in);
   const at::Tensor x = x_in.contiguous();
-  const int64_t B = spec.batch, d = spec.d, m = spec.m();
+  const at::Tensor seed = seed_in.has_value() && seed_in->defined() ? seed_in->contiguous() : at::Tensor();
+  const int64_t B = spec.batch, kd = spec.k, m = spec.m();
   const at::TensorOptions opt = x.options();
-  at::Tensor value = at::empty({B, m}, opt), jac = at::empty({B, m, d}, opt);
-  at::Tensor hess = at::empty(hessian_shape(spec.mode, B, m, d), opt);
+  at::Tensor value = at::empty({B, m}, opt), jac = at::empty({B, m, kd}, opt);
+  at::Tensor hess = at::empty(hessian_shape(spec.mode, B, m, kd), opt);
   if (B == 0) return {value, jac, hess};
   const int64_t rows = block_rows(k, spec, x);
   // (A backend without blocks, CUDA, allocates each tensor at its size, from its caching
@@ -479,10 +510,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
   const int64_t elems = k.rows_per_block ? rows * spec.cols() * widest(spec) : 0;
   auto block = [&](int64_t b0, int64_t nb, Pool& pool) {
     pool.reset();
+    const at::Tensor seed_b = seed.defined() && seed.dim() == 3 ? seed.narrow(0, b0, nb) : seed;
     const std::vector<at::Tensor> cols =
-        forward_columns(k, spec, x.narrow(0, b0, nb), tensors, false, pool);
+        forward_columns(k, spec, x.narrow(0, b0, nb), seed_b, tensors, false, pool);
     at::Tensor v = value.narrow(0, b0, nb), j = jac.narrow(0, b0, nb), h = hess.narrow(0, b0, nb);
-    k.unpack(spec.mode, d, cols.back(), v, j, h);
+    k.unpack(spec.mode, kd, cols.back(), v, j, h);
   };
   if (rows >= B) {
     Pool pool(elems, opt);
@@ -496,19 +528,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
   return {value, jac, hess};
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> graph_jet_backward_run(
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> graph_jet_backward_run(
     const Kernels& k, const std::optional<at::Tensor>& grad_value,
     const std::optional<at::Tensor>& grad_jacobian, const std::optional<at::Tensor>& grad_hessian,
     const at::Tensor& x_in, at::TensorList tensors, const std::vector<std::string>& kinds,
     at::IntArrayRef program, at::ArrayRef<double> consts, c10::string_view mode_name,
-    const std::vector<bool>& needs) {
-  const GraphSpec spec = check_graph(x_in, tensors, kinds, program, consts, mode_name);
+    const std::optional<at::Tensor>& seed_in, const std::vector<bool>& needs) {
+  const GraphSpec spec = check_graph(x_in, tensors, kinds, program, consts, mode_name, seed_in);
   const int64_t n_tensors = static_cast<int64_t>(tensors.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(needs.size()) == 1 + n_tensors,
-                    "hessmlp: graph_jet_backward: needs must have 1 + len(tensors) = ", 1 + n_tensors,
-                    " entries, got ", needs.size());
+  const at::Tensor seed = seed_in.has_value() && seed_in->defined() ? seed_in->contiguous() : at::Tensor();
+  const int64_t n_needs = 1 + n_tensors + (seed.defined() ? 1 : 0);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(needs.size()) == n_needs,
+                    "hessmlp: graph_jet_backward: needs must have 1 + len(tensors)", seed.defined() ? " + 1" : "",
+                    " = ", n_needs, " entries, got ", needs.size());
+  const bool need_seed = seed.defined() && needs[1 + n_tensors];
   const Mode mode = spec.mode;
-  const int64_t B = spec.batch, d = spec.d, m = spec.m();
+  const int64_t B = spec.batch, d = spec.d, kd = spec.k, m = spec.m();
   auto grad = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name) {
     if (!g.has_value() || !g->defined()) return at::Tensor();
     TORCH_CHECK_VALUE(g->sizes() == shape, "hessmlp: graph_jet_backward: ", name, " has shape ",
@@ -519,62 +554,77 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> graph_jet_backward_run(
     return g->contiguous();
   };
   const at::Tensor gv = grad(grad_value, {B, m}, "grad_value");
-  const at::Tensor gj = grad(grad_jacobian, {B, m, d}, "grad_jacobian");
+  const at::Tensor gj = grad(grad_jacobian, {B, m, kd}, "grad_jacobian");
   const at::Tensor gh =
-      mode == Mode::None ? at::Tensor() : grad(grad_hessian, hessian_shape(mode, B, m, d), "grad_hessian");
+      mode == Mode::None ? at::Tensor() : grad(grad_hessian, hessian_shape(mode, B, m, kd), "grad_hessian");
   const Scope scope(x_in);
   const at::Tensor x = x_in.contiguous();
   const at::TensorOptions opt = x.options();
   at::Tensor grad_x = needs[0] ? at::zeros({B, d}, opt) : at::empty({0}, opt);
+  at::Tensor grad_seed = need_seed ? at::zeros(seed.sizes(), opt) : at::empty({0}, opt);
+  const bool shared_seed = need_seed && seed.dim() == 2;
+  // The gradients summed over the samples: the tensors', then a shared seed's.
   auto zero_grads = [&]() {
     std::vector<at::Tensor> out;
     for (int64_t t = 0; t < n_tensors; ++t) {
       out.push_back(needs[1 + t] ? at::zeros_like(tensors[t], at::MemoryFormat::Contiguous)
                                  : at::empty({0}, opt));
     }
+    out.push_back(shared_seed ? at::zeros(seed.sizes(), opt) : at::Tensor());
     return out;
   };
   std::vector<at::Tensor> grad_t = zero_grads();
-  if (B == 0 || (!gv.defined() && !gj.defined() && !gh.defined())) return {grad_x, grad_t};
+  auto result = [&]() {
+    if (shared_seed) grad_seed.copy_(grad_t.back());
+    grad_t.pop_back();
+    return std::make_tuple(grad_x, grad_t, grad_seed);
+  };
+  if (B == 0 || (!gv.defined() && !gj.defined() && !gh.defined())) return result();
   auto rows_of = [](const at::Tensor& t, int64_t b0, int64_t nb) {
+    return t.defined() && t.dim() >= 3 ? t.narrow(0, b0, nb) : t;
+  };
+  auto batch_rows = [](const at::Tensor& t, int64_t b0, int64_t nb) {
     return t.defined() ? t.narrow(0, b0, nb) : at::Tensor();
   };
   const int64_t rows = block_rows(k, spec, x);
   // (A backend without blocks, CUDA, allocates each tensor at its size, from its caching
   // allocator: no pool.)
   const int64_t elems = k.rows_per_block ? rows * spec.cols() * widest(spec) : 0;
+  // One block: its seed rows (a per-sample seed) or the shared seed, and where its seed
+  // gradient goes (a per-sample seed's rows, or the task's sum).
+  auto run_block = [&](int64_t b0, int64_t nb, std::vector<at::Tensor>& sums, Pool& pool) {
+    pool.reset();
+    at::Tensor g_seed = !need_seed ? at::Tensor() : shared_seed ? sums.back() : grad_seed.narrow(0, b0, nb);
+    std::vector<at::Tensor> g_t(sums.begin(), sums.end() - 1);
+    backward_block(k, spec, x.narrow(0, b0, nb), rows_of(seed, b0, nb), tensors, batch_rows(gv, b0, nb),
+                   batch_rows(gj, b0, nb), batch_rows(gh, b0, nb), needs, g_t,
+                   needs[0] ? grad_x.narrow(0, b0, nb) : at::Tensor(), g_seed, pool);
+  };
   if (rows >= B) {
     Pool pool(elems, opt);
-    backward_block(k, spec, x, tensors, gv, gj, gh, needs, grad_t,
-                   needs[0] ? grad_x : at::Tensor(), pool);
-    return {grad_x, grad_t};
+    run_block(0, B, grad_t, pool);
+    return result();
   }
-  // Blocks in parallel: each task sums its blocks' parameter gradients, then the tasks' sums
-  // are added up in task order (the same result for a given split of the blocks).
+  // Blocks in parallel: each task sums its blocks' gradients, then the tasks' sums are added
+  // up in task order (the same result for a given split of the blocks).
   const int64_t blocks = (B + rows - 1) / rows;
   std::vector<std::pair<int64_t, std::vector<at::Tensor>>> partial;
   std::mutex lock;
   parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
     std::vector<at::Tensor> mine = zero_grads();
     Pool pool(elems, opt);  // (one per task, reused by its blocks)
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t b0 = c * rows, nb = std::min(rows, B - b0);
-      pool.reset();
-      backward_block(k, spec, x.narrow(0, b0, nb), tensors, rows_of(gv, b0, nb), rows_of(gj, b0, nb),
-                     rows_of(gh, b0, nb), needs, mine, needs[0] ? grad_x.narrow(0, b0, nb) : at::Tensor(),
-                     pool);
-    }
+    for (int64_t c = c0; c < c1; ++c) run_block(c * rows, std::min(rows, B - c * rows), mine, pool);
     const std::lock_guard<std::mutex> guard(lock);
     partial.emplace_back(c0, std::move(mine));
   });
   std::sort(partial.begin(), partial.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
   for (const auto& [c0, mine] : partial) {
-    for (int64_t t = 0; t < n_tensors; ++t) {
-      if (needs[1 + t]) grad_t[t].add_(mine[t]);
+    for (size_t t = 0; t < grad_t.size(); ++t) {
+      if (grad_t[t].defined() && grad_t[t].numel() > 0 && mine[t].defined()) grad_t[t].add_(mine[t]);
     }
   }
-  return {grad_x, grad_t};
+  return result();
 }
 
 }  // namespace hessmlp

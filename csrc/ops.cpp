@@ -60,20 +60,25 @@ HESSMLP_TORCH_LIBRARY(HESSMLP_LIBRARY, m) {
   //            (see csrc/graph.h)
   //   consts   the stages' parameters and the affine nodes' constant scale and shift
   //   mode     'full' | 'diag' | 'trace' | 'none'
-  // returns value [B, m], jacobian [B, m, d], hessian as mlp_jet's.
+  //   seed     the k directions the derivatives are taken along: [k, d] (every sample's) or
+  //            [B, k, d] (one set per sample), k >= 1; None: the d unit vectors (k = d)
+  // returns value [B, m], jacobian [B, m, k] (J u_i), hessian as mlp_jet's for k inputs
+  // (u_i^T H u_j).
   m.def(
-      "graph_jet(Tensor x, Tensor[] tensors, str[] kinds, int[] program, float[] consts, str mode) "
-      "-> (Tensor, Tensor, Tensor)");
+      "graph_jet(Tensor x, Tensor[] tensors, str[] kinds, int[] program, float[] consts, str mode, "
+      "Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
 
-  // The adjoint of graph_jet (docs/design.md §9): gradients of a loss w.r.t. x and every
-  // tensor, given its gradients w.r.t. graph_jet's value, jacobian and hessian (None =
-  // zero); the forward jets are recomputed.
-  //   needs  [x, tensors...]: which gradients to compute
-  // returns grad_x [B, d], grad_tensors[t] like tensors[t]; one not asked for is empty [0].
+  // The adjoint of graph_jet (docs/design.md §9): gradients of a loss w.r.t. x, every
+  // tensor and the seed, given its gradients w.r.t. graph_jet's value, jacobian and hessian
+  // (None = zero); the forward jets are recomputed.
+  //   needs  [x, tensors..., seed]: which gradients to compute (the seed's entry only with
+  //          a seed)
+  // returns grad_x [B, d], grad_tensors[t] like tensors[t], grad_seed like seed; one not
+  // asked for is empty [0].
   m.def(
       "graph_jet_backward(Tensor? grad_value, Tensor? grad_jacobian, Tensor? grad_hessian, "
       "Tensor x, Tensor[] tensors, str[] kinds, int[] program, float[] consts, str mode, "
-      "bool[] needs) -> (Tensor, Tensor[])");
+      "Tensor? seed, bool[] needs) -> (Tensor, Tensor[], Tensor)");
 
   // One stage of elementwise functions and its first three derivatives at z,
   // exactly as the jet kernels evaluate them (for tests of the shared math).

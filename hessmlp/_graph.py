@@ -145,7 +145,15 @@ class GraphBuilder:
                 consts.append(float(v))
         return self._add(Node("affine", (h,), n, tuple(refs), consts=tuple(consts), where=where))
 
+    def _broadcast(self, hs: Sequence[int], where: str) -> Tuple[int, ...]:
+        """Inputs of one width: a width-1 input among wider ones repeated (as PyTorch broadcasts
+        (B, 1) against (B, n))."""
+        n = max(self._width(h) for h in hs)
+        return tuple(self.select(h, (0,) * n, where=where) if self._width(h) == 1 and n > 1 else h
+                     for h in hs)
+
     def add(self, *hs: int, where: str = "") -> int:
+        hs = self._broadcast(hs, where) if hs else hs
         widths = {self._width(h) for h in hs}
         if len(hs) < 2 or len(widths) != 1:
             raise ValueError(f"hessmlp: {where or 'add'}: needs two or more inputs of one width, "
@@ -166,6 +174,7 @@ class GraphBuilder:
         return self._add(Node("select", (h,), len(index), index=index, where=where))
 
     def mul(self, p: int, q: int, where: str = "") -> int:
+        p, q = self._broadcast((p, q), where)
         if self._width(p) != self._width(q):
             raise ValueError(f"hessmlp: {where or 'mul'}: widths {self._width(p)} and "
                              f"{self._width(q)} differ")
@@ -332,9 +341,10 @@ def op_arguments(graph: Graph):
     return kinds, program, consts
 
 
-def graph_jet(graph: Graph, x: torch.Tensor, mode: str = "full"):
-    """value (B, m), jacobian (B, m, d) and the mode's second-order part of the graph at x
-    (B, d) by the op graph_jet ('none': an empty (B, m, 0) tensor)."""
+def graph_jet(graph: Graph, x: torch.Tensor, mode: str = "full", seed: Optional[torch.Tensor] = None):
+    """value (B, m), jacobian (B, m, k) and the mode's second-order part of the graph at x
+    (B, d) by the op graph_jet ('none': an empty (B, m, 0) tensor), along the k directions of
+    seed ((k, d) or (B, k, d); None: the d unit vectors)."""
     from . import _ops  # noqa: F401  (the library and its fake kernels)
 
-    return torch.ops.hessmlp.graph_jet(x, graph.tensors, *op_arguments(graph), mode)
+    return torch.ops.hessmlp.graph_jet(x, graph.tensors, *op_arguments(graph), mode, seed)

@@ -132,11 +132,13 @@ def _feasible(B, d, widths, mode, method, x, save) -> bool:
     return _rows_if_feasible(B, d, widths, mode, method, x, save) > 0
 
 
-def plan(B, d, widths, mode, method, x, output, save):
+def plan(B, d, widths, mode, method, x, output, save, forward_only=False):
     """(method, samples per op call) for a call, or a MemoryError before anything is
     allocated. method='auto': forward jets when gradients will flow (their saved state serves
     the backward), else the cheaper by the cost model, unless it does not fit where the other
-    does (after reverse-Gram the backward recomputes the state, in chunks)."""
+    does (after reverse-Gram the backward recomputes the state, in chunks). d: the directions
+    of the jets (x's features, or those of a seed); forward_only: a call that only forward
+    jets serve (a graph network, chosen directions)."""
     if method == "auto":
         first = "forward" if save or d == 0 else _cost.choose_method(d, widths, mode)
         candidates = (first,) if d == 0 else (first, "reverse" if first == "forward" else "forward")
@@ -146,19 +148,19 @@ def plan(B, d, widths, mode, method, x, output, save):
                 return method, rows
         method = first
     rows = rows_per_call(B, d, widths, mode, method, x, save)
-    check_call(B, rows, d, widths, mode, method, x, output, save)
+    check_call(B, rows, d, widths, mode, method, x, output, save, forward_only)
     return method, rows
 
 
 def _ways_out(B, d, widths, mode, method, x, output, save, backward=False,
-              one_over_budget=False) -> str:
+              one_over_budget=False, forward_only=False) -> str:
     """What the user can do, each way checked to help: another method, output=k, a cheaper
     mode, torch.no_grad(), a smaller batch or a memory budget (not when one sample is over
     the budget already)."""
     m = widths[-1]
     ways: List[str] = []
     other = "reverse" if method == "forward" else "forward"
-    if not backward and d > 0 and _feasible(B, d, widths, mode, other, x, save):
+    if not backward and not forward_only and d > 0 and _feasible(B, d, widths, mode, other, x, save):
         ways.append(f"method='{other}' (it fits)")
     if output is None and m > 1:
         ways.append(f"select one output with output=k (the model has {m})")
@@ -180,7 +182,7 @@ def _ways_out(B, d, widths, mode, method, x, output, save, backward=False,
     return "; ".join(ways) if ways else "use a smaller model or a machine with more memory"
 
 
-def check_call(B, rows, d, widths, mode, method, x, output, save) -> None:
+def check_call(B, rows, d, widths, mode, method, x, output, save, forward_only=False) -> None:
     """Raises a MemoryError, before anything is allocated, when the chunks of ``rows``
     samples (0: not even one sample fits the budget) do not fit."""
     itemsize = x.element_size()
@@ -190,7 +192,8 @@ def check_call(B, rows, d, widths, mode, method, x, output, save) -> None:
         raise MemoryError(
             f"hessmlp: one sample needs about {_size(one)} (d={d}, mode '{mode}', method "
             f"'{method}') but the memory budget is {_size(cap)}; raise the budget, or "
-            + _ways_out(B, d, widths, mode, method, x, output, save, one_over_budget=True))
+            + _ways_out(B, d, widths, mode, method, x, output, save, one_over_budget=True,
+                        forward_only=forward_only))
     need = call_bytes(B, rows, d, widths, mode, method, x, save)
     if fits(need, x.device):
         return
@@ -199,7 +202,8 @@ def check_call(B, rows, d, widths, mode, method, x, output, save) -> None:
     raise MemoryError(
         f"hessmlp: this call needs about {_size(need)} on {x.device} (batch {B}{chunks}, d={d}, "
         f"{widths[-1]} outputs, mode '{mode}', method '{method}') but only {_size(free)} is free. "
-        "Ways out: " + _ways_out(B, d, widths, mode, method, x, output, save))
+        "Ways out: " + _ways_out(B, d, widths, mode, method, x, output, save,
+                                 forward_only=forward_only))
 
 
 def backward_rows(B: int, d: int, widths: Sequence[int], mode: str, x: torch.Tensor,

@@ -71,13 +71,14 @@ def _graph_output_width(program):
 
 
 @torch.library.register_fake("hessmlp::graph_jet")
-def _graph_jet_fake(x, tensors, kinds, program, consts, mode):
-    _check_devices(x, (("tensors", tensors),))
+def _graph_jet_fake(x, tensors, kinds, program, consts, mode, seed=None):
+    _check_devices(x, (("tensors", tensors), ("seed", [seed])))
     torch._check(x.dim() == 2, lambda: f"hessmlp: x must have shape [B, d], got {tuple(x.shape)}")
     B, d = x.shape
+    k = d if seed is None else seed.shape[-2]
     m = _graph_output_width(program)
-    return (x.new_empty((B, m)), x.new_empty((B, m, d)),
-            x.new_empty(_cost.hessian_shape(mode, B, m, d)))
+    return (x.new_empty((B, m)), x.new_empty((B, m, k)),
+            x.new_empty(_cost.hessian_shape(mode, B, m, k)))
 
 
 @torch.library.register_fake("hessmlp::stage_derivs")
@@ -176,33 +177,45 @@ def _refuse_double_backward(ctx, *grads):
 
 @torch.library.register_fake("hessmlp::graph_jet_backward")
 def _graph_jet_backward_fake(grad_value, grad_jacobian, grad_hessian, x, tensors, kinds, program,
-                             consts, mode, needs):
-    _check_devices(x, (("tensors", tensors), ("grad", (grad_value, grad_jacobian, grad_hessian))))
+                             consts, mode, seed, needs):
+    _check_devices(x, (("tensors", tensors), ("grad", (grad_value, grad_jacobian, grad_hessian)),
+                       ("seed", [seed])))
     empty = lambda: x.new_empty((0,))  # noqa: E731
+    need_seed = seed is not None and len(needs) > 1 + len(tensors) and needs[1 + len(tensors)]
     return (x.new_empty(x.shape) if needs[0] else empty(),
-            [t.new_empty(t.shape) if n else empty() for t, n in zip(tensors, needs[1:])])
+            [t.new_empty(t.shape) if n else empty() for t, n in zip(tensors, needs[1:])],
+            seed.new_empty(seed.shape) if need_seed else empty())
 
 
 def _graph_jet_setup_context(ctx, inputs, output):
-    x, tensors, kinds, program, consts, mode = inputs
+    x, tensors, kinds, program, consts, mode = inputs[:6]
+    seed = inputs[6] if len(inputs) > 6 else None
     ctx.set_materialize_grads(False)
-    ctx.args = (list(kinds), list(program), list(consts), mode)
-    ctx.save_for_backward(x, *tensors)
+    ctx.args = (list(kinds), list(program), list(consts), mode, seed is not None)
+    ctx.save_for_backward(x, *tensors, *([] if seed is None else [seed]))
 
 
 def _graph_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian):
-    kinds, program, consts, mode = ctx.args
-    x, *tensors = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    kinds, program, consts, mode, has_seed = ctx.args
+    saved = ctx.saved_tensors
+    x, tensors = saved[0], list(saved[1:len(saved) - has_seed])
+    seed = saved[-1] if has_seed else None
+    needs = ctx.needs_input_grad  # (x, [tensors], kinds, program, consts, mode[, seed])
     need_x, need_t = bool(needs[0]), _flags(needs[1], len(tensors))
-    rest = tuple(_shaped(e, []) for e in needs[2:])
+    need_seed = has_seed and bool(needs[6])
+    rest = tuple(_shaped(e, []) for e in needs[2:6]) + ((None,) if len(needs) > 6 else ())
     if (grad_value is None and grad_jacobian is None and grad_hessian is None) or not (
-            need_x or any(need_t)):
+            need_x or any(need_t) or need_seed):
         return (None, _shaped(needs[1], [None] * len(tensors))) + rest
-    gx, gt = torch.ops.hessmlp.graph_jet_backward(grad_value, grad_jacobian, grad_hessian, x, tensors,
-                                                  kinds, program, consts, mode, [need_x, *need_t])
-    return ((gx if need_x else None),
-            _shaped(needs[1], [g if n else None for g, n in zip(gt, need_t)])) + rest
+    flags = [need_x, *need_t] + ([need_seed] if has_seed else [])
+    gx, gt, gs = torch.ops.hessmlp.graph_jet_backward(grad_value, grad_jacobian, grad_hessian, x,
+                                                      tensors, kinds, program, consts, mode, seed,
+                                                      flags)
+    out = ((gx if need_x else None),
+           _shaped(needs[1], [g if n else None for g, n in zip(gt, need_t)])) + rest
+    if need_seed:
+        out = out[:6] + (gs,)
+    return out
 
 
 def _refuse_stage_derivs_backward(ctx, *grads):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -152,13 +152,15 @@ def _graph_network(model: nn.Module, x: torch.Tensor, input_widths, records):
     return graph, layout
 
 
-def _run_graph(graph, x: torch.Tensor, mode: str, output, method: str) -> Jet:
-    """hessmlp's functions on a graph network: the op graph_jet (forward jets)."""
+def _run_graph(graph, x: torch.Tensor, mode: str, output, method: str, seed=None) -> Jet:
+    """hessmlp's functions on a graph network: the op graph_jet (forward jets), along the
+    directions of seed ((k, d), or (B, k, d) for batched x; None: the unit vectors)."""
     from ._graph import Graph, Node, op_arguments
 
     if method not in ("auto", "forward"):
-        raise ValueError(f"hessmlp: method={method!r} serves chains of layers only; a graph network "
-                         "(residual, concatenation, products) takes method='forward' or 'auto'")
+        raise ValueError(f"hessmlp: method={method!r} serves chains of layers only (and whole "
+                         "Hessians); a graph network (residual, concatenation, products), derivatives "
+                         "along chosen inputs or directions take method='forward' or 'auto'")
     if output is not None:  # a last node selecting output k
         k = _output_index(output, graph.m)
         graph = Graph(graph.nodes + [Node("select", (len(graph.nodes) - 1,), 1, index=(k,))], graph.tensors,
@@ -166,25 +168,31 @@ def _run_graph(graph, x: torch.Tensor, mode: str, output, method: str) -> Jet:
     batched = x.dim() == 2
     xb = x if batched else x.unsqueeze(0)
     B, d = xb.shape
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (xb, *graph.tensors))
+    k = d if seed is None else seed.shape[-2]
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (xb, *graph.tensors, *([] if seed is None else [seed])))
     # Memory: every node's columns, as the backward keeps them.
     widths = [sum(n.width for n in graph.nodes), graph.m]
-    _, rows = _memory.plan(B, d, widths, mode, "forward", xb, output, save)
+    _, rows = _memory.plan(B, k, widths, mode, "forward", xb, output, save, forward_only=True)
     kinds, program, consts = op_arguments(graph)
+    per_sample = seed is not None and seed.dim() == 3
 
-    def run(xc):
-        return torch.ops.hessmlp.graph_jet(xc, graph.tensors, kinds, program, consts, mode)
+    def run(b0, b1):
+        u = seed[b0:b1] if per_sample else seed
+        return torch.ops.hessmlp.graph_jet(xb[b0:b1] if (b0, b1) != (0, B) else xb, graph.tensors,
+                                           kinds, program, consts, mode, u)
 
     return _jet_of_calls(run, xb, rows, mode, output, batched)
 
 
 def _jet_of_calls(run, xb: torch.Tensor, rows: int, mode: str, output, batched: bool) -> Jet:
-    """The op's results (run(x chunk) -> value, jacobian, hessian) for the batch, rows samples a
-    call, in the shapes the public functions return."""
-    if rows >= xb.shape[0]:
-        value, jac, hess = run(xb)
+    """The op's results (run(b0, b1) -> value, jacobian, hessian of samples b0 .. b1 - 1) for
+    the batch, rows samples a call, in the shapes the public functions return."""
+    B = xb.shape[0]
+    if rows >= B:
+        value, jac, hess = run(0, B)
     else:
-        parts = [run(xc) for xc in xb.split(rows)]
+        parts = [run(b0, min(b0 + rows, B)) for b0 in range(0, B, rows)]
         value, jac, hess = (torch.cat([p[k] for p in parts]) for k in range(3))
     if mode == "none":
         hess = None
@@ -197,20 +205,76 @@ def _jet_of_calls(run, xb: torch.Tensor, rows: int, mode: str, output, batched: 
     return Jet(value, jac, hess)
 
 
-def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Jet:
-    from . import _graph_reader
-
-    _check_context()
-    input_widths = None
+def _inputs(x):
+    """(x, the widths of its parts when given as a tuple of a forward's inputs, else None)."""
     if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
         # forward(self, x, t, ...): w.r.t. their concatenation
         x, input_widths = _joined_inputs(x)
-    x = _check_x(x)
+        return _check_x(x), input_widths
+    return _check_x(x), None
+
+
+def _wrt_index(wrt, d: int) -> Tuple[int, ...]:
+    """wrt checked: distinct input indices (negative ones count from the end), in order."""
+    if isinstance(wrt, torch.Tensor):
+        if wrt.dim() != 1 or wrt.dtype.is_floating_point or wrt.dtype == torch.bool or wrt.is_complex():
+            raise TypeError(f"hessmlp: wrt must be a sequence of int input indices; got a tensor of "
+                            f"shape {tuple(wrt.shape)} and dtype {wrt.dtype}")
+        wrt = wrt.tolist()
+    if isinstance(wrt, (str, bytes)) or not hasattr(wrt, "__iter__"):
+        raise TypeError(f"hessmlp: wrt must be a sequence of int input indices (e.g. wrt=[0, 1]), "
+                        f"got {type(wrt).__name__}")
+    wrt = list(wrt)
+    for i in wrt:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"hessmlp: wrt must hold int input indices, got {i!r} "
+                            f"({type(i).__name__}) in wrt={wrt}")
+    if not wrt:
+        raise ValueError("hessmlp: wrt is empty; name at least one input index, or leave wrt=None "
+                         "for all inputs")
+    bad = [i for i in wrt if not -d <= i < d]
+    if bad:
+        raise ValueError(f"hessmlp: wrt={wrt} has indices out of range for x with d={d} inputs: "
+                         f"{bad}")
+    index = tuple(int(i) % d for i in wrt)
+    if len(set(index)) != len(index):
+        raise ValueError(f"hessmlp: wrt={wrt} repeats an input; each index may appear once")
+    return index
+
+
+def _select_wrt(jet: Jet, index, mode: str) -> Jet:
+    """A whole-input jet restricted to the inputs of index (mode 'trace': from the diagonal)."""
+    idx = torch.tensor(index, device=jet.jacobian.device)
+    hess = jet.hessian
+    if mode == "full":
+        hess = hess.index_select(-1, idx).index_select(-2, idx)
+    elif mode in ("diag", "trace"):
+        hess = hess.index_select(-1, idx)
+        if mode == "trace":
+            hess = hess.sum(-1)
+    return Jet(jet.value, jet.jacobian.index_select(-1, idx), hess)
+
+
+def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=None,
+         directions=None) -> Jet:
+    """The public functions' work. wrt: input indices; directions (internal): the seed of
+    graph_jet, (k, d) or (B, k, d), instead."""
+    from . import _graph_reader
+
+    _check_context()
+    x, input_widths = _inputs(x)
     if not (hessian is None or isinstance(hessian, str)) or hessian not in _MODES:
         raise ValueError(f"hessmlp: hessian must be 'full', 'diag', 'trace' or None, got {hessian!r}")
     mode = _MODES[hessian]
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(method, str) or method not in ("auto", "forward", "reverse"):
+        raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
+    index = None if wrt is None else _wrt_index(wrt, x.shape[-1])
+    seed = directions
+    if seed is None and index is not None:
+        # The unit vectors of the inputs asked for: the jets carry k = len(wrt) directions.
+        seed = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)[list(index)]
     model = unwrap(model)
     # One reader for every model (docs/design.md §9): its records (plain data, kept on the
     # model; under torch.compile a constant of the compiled code) give its graph; a graph that
@@ -222,17 +286,18 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         records = _graph_reader.structure(model, input_widths)
     graph, layout = _graph_network(model, x, input_widths, records)
     _check_backend(x)
-    if layout is None:
-        return _run_graph(graph, x, mode, output, method)
+    if seed is not None and layout is not None and method == "reverse" and directions is None:
+        # A chain's inputs by reverse-Gram: the whole Hessian's (or diagonal's) entries of wrt.
+        whole = _run(model, x, "diag" if mode == "trace" else hessian, output, method)
+        return _select_wrt(whole, index, mode)
+    if layout is None or seed is not None:
+        return _run_graph(graph, x, mode, output, method, seed)
     net = _select_output(chain_network(layout, graph.tensors), output)
 
     batched = x.dim() == 2
     xb = x if batched else x.unsqueeze(0)
     B, d = xb.shape
     widths = [W.shape[0] for W in net.weights]
-
-    if not isinstance(method, str) or method not in ("auto", "forward", "reverse"):
-        raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
     # Training through the result: the backward is the adjoint of the forward jets, which
     # saves each layer's state; after reverse-Gram the backward recomputes it.
     save = torch.is_grad_enabled() and any(
@@ -243,57 +308,137 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str) -> Je
         # Autograd cannot track a list that mixes None and tensors (see _ops.py).
         biases = [xb.new_zeros(W.shape[0]) if b is None else b for W, b in zip(net.weights, biases)]
 
-    def run(xc):
+    def run(b0, b1):
+        xc = xb[b0:b1] if (b0, b1) != (0, B) else xb
         return torch.ops.hessmlp.mlp_jet(xc, net.weights, biases, net.stage_sizes, net.act_codes,
                                          net.act_params, mode, method, save)[:3]
 
     return _jet_of_calls(run, xb, rows, mode, output, batched)
 
 
+def _weighted_laplacian(model, x, output, method, wrt, weights, matrix) -> torch.Tensor:
+    """sum_i c_i d^2y/dx_i^2 (weights) or tr(A H) (matrix) over the inputs of wrt, by jets
+    along the directions each needs (docs/design.md §10)."""
+    if weights is not None and matrix is not None:
+        raise ValueError("hessmlp: give weights (sum_i c_i d2y/dx_i^2) or matrix (tr(A H)), not both")
+    xj, _ = _inputs(x)
+    d, batched = xj.shape[-1], xj.dim() == 2
+    index = tuple(range(d)) if wrt is None else _wrt_index(wrt, d)
+    k = len(index)
+    name, t = ("weights", weights) if weights is not None else ("matrix", matrix)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"hessmlp: {name} must be a torch.Tensor, got {type(t).__name__}")
+    one = (k,) if weights is not None else (k, k)
+    shapes = [one] + ([(xj.shape[0], *one)] if batched else [])
+    if tuple(t.shape) not in shapes:
+        what = "len(wrt)" if wrt is not None else "d"
+        raise ValueError(f"hessmlp: {name} must have shape {' or '.join(str(s) for s in shapes)} "
+                         f"({'one set per sample: ' if batched else ''}k = {what} = {k}), got "
+                         f"{tuple(t.shape)}")
+    if t.dtype != xj.dtype:
+        raise TypeError(f"hessmlp: {name} is {t.dtype} but x is {xj.dtype}; convert {name} with "
+                        f".to({xj.dtype})")
+    if t.device != xj.device:
+        raise ValueError(f"hessmlp: {name} is on {t.device} but x is on {xj.device}")
+    per_sample = t.dim() == len(one) + 1
+    # Per-sample weights or matrices meet results (B, m, ...) or, with output=k, (B, ...).
+    fit = (lambda v: v.unsqueeze(1)) if per_sample and output is None else (lambda v: v)  # noqa: E731
+    units = torch.eye(d, dtype=xj.dtype, device=xj.device)[list(index)]  # (k, d)
+    compiling = torch.compiler.is_compiling()
+    if weights is not None:
+        c = weights
+        if c.requires_grad or compiling or bool((c < 0).any()):
+            # The diagonal's k entries, weighted (exact w.r.t. c; signs of every kind).
+            diag = _run(model, x, "diag", output, method, wrt).hessian
+            return (diag * fit(c)).sum(-1)
+        # c >= 0: one trace along the directions sqrt(c_i) e_i.
+        return _run(model, x, "trace", output, method,
+                    directions=c.sqrt().unsqueeze(-1) * units).hessian
+    A = (matrix + matrix.mT) / 2
+    if A.requires_grad:
+        # d tr(A H) / dA = H: the Hessian block, then the sum.
+        hess = _run(model, x, "full", output, method, wrt).hessian
+        return (hess * fit(A)).sum((-1, -2))
+    # A = Q diag(lam) Q^T: tr(A H) = sum_j lam_j q_j^T H q_j, q_j in x's space: Q^T E.
+    lam, Q = torch.linalg.eigh(A)
+    U = Q.mT @ units
+    if not compiling:
+        # Only the directions A's rank needs (eigenvalues below rounding left out).
+        tol = lam.abs().amax(-1, keepdim=True) * k * torch.finfo(lam.dtype).eps
+        keep = (lam.abs() > tol).reshape(-1, k).any(0)
+        if not bool(keep.any()):
+            value = _run(model, x, None, output, method, wrt).value
+            return torch.zeros_like(value)
+        lam, U = lam[..., keep], U[..., keep, :]
+        if bool((lam >= 0).all()):
+            # Positive semidefinite: one trace along sqrt(lam_j) q_j.
+            return _run(model, x, "trace", output, method,
+                        directions=lam.sqrt().unsqueeze(-1) * U).hessian
+    diag = _run(model, x, "diag", output, method, directions=U).hessian
+    return (diag * fit(lam)).sum(-1)
+
+
 def jet(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
         x: torch.Tensor, hessian: Optional[str] = "full", output: Optional[int] = None,
-        method: str = "auto") -> Jet:
+        method: str = "auto", wrt: Optional[Sequence[int]] = None) -> Jet:
     """Value, Jacobian and second derivatives of ``model`` at ``x`` in one pass.
 
     Args:
-        model: nn.Sequential of Linear layers and elementwise activations, or a
-            module whose forward is such a chain (see the README).
-        x: (B, d) or (d,), float32 or float64.
-        hessian: 'full' (B, m, d, d), 'diag' (B, m, d), 'trace' (B, m) or None.
-        output: an int selects one output k and drops the m dimension.
+        model: a network of Linear layers and elementwise functions, as a chain or a graph
+            (residuals, concatenations, products; see the README).
+        x: (B, d) or (d,), float32 or float64; or a tuple (x, t, ...) of a forward's several
+            inputs, taken as their concatenation.
+        hessian: 'full' (B, m, k, k), 'diag' (B, m, k), 'trace' (B, m) or None.
+        output: an int selects one output and drops the m dimension.
         method: 'auto' (default), 'forward' (forward jets) or 'reverse'
             (reverse-Gram; with hessian=None, backpropagation). Both are exact; 'auto' takes the
             cheaper by a measured cost model, and 'forward' when gradients will flow
             through the result (its backward needs the forward jets' state).
+        wrt: derivatives w.r.t. these inputs only, in this order (k = len(wrt); default all
+            d): the jets carry k directions, so the cost is that of a k-input network.
     """
-    return _run(model, x, hessian, output, method)
+    return _run(model, x, hessian, output, method, wrt)
 
 
 def hessian(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
             x: torch.Tensor, output: Optional[int] = None,
-            method: str = "auto") -> torch.Tensor:
-    """d^2 y / dx^2: (B, m, d, d), (B, d, d) with output=k; unbatched x drops B."""
-    return _run(model, x, "full", output, method).hessian
+            method: str = "auto", wrt: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """d^2 y / dx^2: (B, m, k, k), (B, k, k) with output=k; unbatched x drops B. wrt: the
+    block of these inputs (mixed partials included), in this order; k = len(wrt), else d."""
+    return _run(model, x, "full", output, method, wrt).hessian
 
 
 def hessian_diag(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
                  x: torch.Tensor, output: Optional[int] = None,
-                 method: str = "auto") -> torch.Tensor:
-    """d^2 y_k / dx_i^2: (B, m, d), (B, d) with output=k; unbatched x drops B."""
-    return _run(model, x, "diag", output, method).hessian
+                 method: str = "auto", wrt: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """d^2 y / dx_i^2: (B, m, k), (B, k) with output=k; unbatched x drops B. wrt: these
+    inputs i only, in this order (k = len(wrt), else d)."""
+    return _run(model, x, "diag", output, method, wrt).hessian
 
 
 def laplacian(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
               x: torch.Tensor, output: Optional[int] = None,
-              method: str = "auto") -> torch.Tensor:
-    """Trace of the Hessian: (B, m), (B,) with output=k; unbatched x drops B."""
-    return _run(model, x, "trace", output, method).hessian
+              method: str = "auto", wrt: Optional[Sequence[int]] = None,
+              weights: Optional[torch.Tensor] = None,
+              matrix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Trace of the Hessian: (B, m), (B,) with output=k; unbatched x drops B.
+
+    wrt: the sum over these inputs only (a spatial Laplacian without t). weights: c of shape
+    (k,) or (B, k): sum_i c_i d^2y/dx_i^2. matrix: A of shape (k, k) or (B, k, k): tr(A H)
+    (A's symmetric part counts: H is symmetric). k = len(wrt), else d; not both weights and
+    matrix. Each costs only the directions it needs (unit vectors, sqrt(c_i) e_i, or A's
+    eigenvectors: at most its rank); differentiable w.r.t. x, the parameters, c and A.
+    """
+    if weights is None and matrix is None:
+        return _run(model, x, "trace", output, method, wrt).hessian
+    return _weighted_laplacian(model, x, output, method, wrt, weights, matrix)
 
 
 def jacobian(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
              x: torch.Tensor, output: Optional[int] = None,
-             method: str = "auto") -> torch.Tensor:
-    """dy/dx: (B, m, d), (B, d) with output=k; unbatched x drops B. method: 'forward'
-    (forward jets: 1 + d columns) or 'reverse' (backpropagation: the value forward, m
-    columns back); 'auto' takes the cheaper, and 'forward' when gradients flow through."""
-    return _run(model, x, None, output, method).jacobian
+             method: str = "auto", wrt: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """dy/dx: (B, m, k), (B, k) with output=k; unbatched x drops B; wrt: these inputs only
+    (k = len(wrt), else d). method: 'forward' (forward jets: 1 + k columns) or 'reverse'
+    (backpropagation: the value forward, m columns back); 'auto' takes the cheaper, and
+    'forward' when gradients flow through."""
+    return _run(model, x, None, output, method, wrt).jacobian

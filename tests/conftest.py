@@ -18,6 +18,8 @@ import os
 
 import pytest
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 BACKEND = os.environ.get("HESSMLP_TEST_BACKEND", "native")
 if BACKEND not in ("native", "emulated"):
@@ -25,6 +27,11 @@ if BACKEND not in ("native", "emulated"):
 GRID_CAP = int(os.environ.get("HESSMLP_TEST_GRID_CAP", "3"))
 OPS = ("mlp_jet", "mlp_jet_backward", "stage_derivs", "graph_jet", "graph_jet_backward")
 
+# Compiled code from the caches on disk is keyed by the traced graphs, not by the custom ops'
+# schemas and autograd formulas: after a change of hessmlp's ops a cached backward graph
+# would call them the old way. The tests compile afresh.
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
 
 
 def load_emulated() -> bool:

@@ -318,13 +318,15 @@ def test_graph_jet_against_cpu_kernels(dtype, cap):
         graph, _, used = random_graph(seed, dtype)
         x = non_contiguous(torch.randn(9, graph.d, dtype=dtype))
         args = (x, graph.tensors, *op_arguments(graph))
-        needs = [True] * (1 + len(graph.tensors))
+        # Directions: the unit vectors, 2 shared ones, or 3 per sample.
+        u = [None, torch.randn(2, graph.d, dtype=dtype), torch.randn(9, 3, graph.d, dtype=dtype)][seed % 3]
+        needs = [True] * (1 + len(graph.tensors) + (u is not None))
         for mode in MODES:
-            tag = f"seed={seed} {mode} blocks={used}"
-            out = emulated().graph_jet(*args, mode)
-            check_same(out, native().graph_jet(*args, mode), dtype, tag)
+            tag = f"seed={seed} {mode} blocks={used} directions={None if u is None else tuple(u.shape)}"
+            out = emulated().graph_jet(*args, mode, u)
+            check_same(out, native().graph_jet(*args, mode, u), dtype, tag)
             gs = [torch.randn(t.shape, dtype=dtype) for t in out]
             for gv, gj, gh in [gs, (None, None, gs[2]), (gs[0], None, None)]:
-                check_same(emulated().graph_jet_backward(gv, gj, gh, *args, mode, needs),
-                           native().graph_jet_backward(gv, gj, gh, *args, mode, needs), dtype,
+                check_same(emulated().graph_jet_backward(gv, gj, gh, *args, mode, u, needs),
+                           native().graph_jet_backward(gv, gj, gh, *args, mode, u, needs), dtype,
                            f"backward {tag}")

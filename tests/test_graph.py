@@ -322,21 +322,26 @@ def test_op_refuses_wrong_shapes():
                                     program, consts, "full")
 
 
+@pytest.mark.parametrize("directions", ["units", "shared", "per_sample"])
 @pytest.mark.parametrize("mode", ["full", "diag", "trace", "none"])
-def test_opcheck_graph_jet(mode):
+def test_opcheck_graph_jet(mode, directions):
     """Every opcheck utility on graph_jet and its backward: schema, fake kernel against the
-    real one, autograd registration, aot dispatch."""
+    real one, autograd registration, aot dispatch; with and without a seed."""
     from hessmlp._graph import op_arguments
     graph, _, _ = random_graph(11)
     x = torch.randn(3, graph.d, dtype=f64)
     ts = [t.detach().clone().requires_grad_() for t in graph.tensors]
-    args = (x.requires_grad_(), ts, *op_arguments(graph), mode)
+    u = {"units": None, "shared": torch.randn(2, graph.d, dtype=f64),
+         "per_sample": torch.randn(3, 2, graph.d, dtype=f64)}[directions]
+    u = None if u is None else u.requires_grad_()
+    args = (x.requires_grad_(), ts, *op_arguments(graph), mode, u)
     torch.library.opcheck(torch.ops.hessmlp.graph_jet.default, args)
     value, jac, hess = torch.ops.hessmlp.graph_jet(*[a.detach() if torch.is_tensor(a) else a for a in args])
     torch.library.opcheck(torch.ops.hessmlp.graph_jet_backward.default,
                           (torch.randn_like(value), None, torch.randn_like(hess), x.detach(),
                            [t.detach() for t in ts], *op_arguments(graph), mode,
-                           [True] * (1 + len(ts))))
+                           None if u is None else u.detach(),
+                           [True] * (1 + len(ts) + (u is not None))))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
