@@ -322,6 +322,21 @@ def main():
             f"{r[6]:.2f}-{r[7]:.2f} |")
     say()
 
+    # ---- operators (issue 14)
+    from bench_operators import operator_rows
+
+    say("## Operators: only the directions the equation needs")
+    say()
+    say("tanh MLP 4x128, m = 1. Each hessmlp operator against the routes that compute more and "
+        "throw it away. Agreement asserted first (float64 against torch.func, 1e-10).")
+    say()
+    say("| case | baseline | B | hessmlp ms | baseline ms | ratio | rounds |")
+    say("|---|---|---|---|---|---|---|")
+    for r in operator_rows(2048 // q, 5, rt, say=lambda s: print(s, flush=True)):
+        say(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f}x | "
+            f"{r[6]:.2f}-{r[7]:.2f} |")
+    say()
+
     # ---- baselines for the PINN full Hessian
     say(f"## PINN full Hessian (B={B}): every baseline")
     say()
