@@ -8,7 +8,9 @@ Rows (float32, a tanh MLP of 4 hidden layers of 128, m = 1):
   - a 10-dimensional heat equation's Laplacian (d = 11, wrt the 10 spatial inputs), against
     the same two routes;
   - tr(A H) with a rank-2 A (d = 10): laplacian(matrix=A) against hessmlp's full Hessian then
-    the sum with A, and torch.func's.
+    the sum with A, and torch.func's;
+  - H v (d = 10): hvp against torch.func's jvp of the gradient, and hessmlp's full Hessian
+    times v.
 Agreement is asserted first (float64 against torch.func, 1e-10); times are medians over
 interleaved rounds (hessmlp.bench.interleaved); ratio = baseline / hessmlp.
 
@@ -43,6 +45,17 @@ def _trace_with(model, x, A):
              "torch.func Hessian, tr(A H)": lambda: (func_hessian(model, x) * A).sum((-1, -2))})
 
 
+def _hvp(model, x, v):
+    def func_hvp():
+        # Forward over reverse per sample: jvp of the gradient along v (torch.func's route).
+        g = lambda xi: torch.func.grad(lambda z: model(z.unsqueeze(0))[0, 0])(xi)  # noqa: E731
+        return torch.func.vmap(lambda xi: torch.func.jvp(g, (xi,), (v,))[1])(x)
+
+    return (lambda: hessmlp.hvp(model, x, v, output=0),
+            {"torch.func jvp(grad)": func_hvp,
+             "hessmlp full Hessian @ v": lambda: hessmlp.hessian(model, x, output=0) @ v})
+
+
 def operator_rows(B, rounds, run_time, device="cpu", say=print):
     """(case, baseline, B, hessmlp ms, baseline ms, ratio, lowest and highest round ratio)."""
     device = torch.device(device)
@@ -53,6 +66,7 @@ def operator_rows(B, rounds, run_time, device="cpu", say=print):
         ("spatial Laplacian of u(x, y, z, t), d=4, wrt 3", 4, lambda m, x: _spatial(m, x, [0, 1, 2])),
         ("10-d heat equation Laplacian, d=11, wrt 10", 11, lambda m, x: _spatial(m, x, list(range(10)))),
         ("tr(A H), A of rank 2, d=10", 10, lambda m, x: _trace_with(m, x, (L @ L.T).to(x))),
+        ("H v, d=10", 10, lambda m, x: _hvp(m, x, L[:, 0].to(x))),
     ]
     rows = []
     with torch.no_grad():

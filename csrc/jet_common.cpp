@@ -13,8 +13,9 @@ Mode parse_mode(c10::string_view mode) {
   if (mode == "diag") return Mode::Diag;
   if (mode == "trace") return Mode::Trace;
   if (mode == "none") return Mode::None;
-  TORCH_CHECK_VALUE(false, "hessmlp: mode must be one of 'full', 'diag', 'trace', 'none', got '",
-                    std::string(mode), "'");
+  if (mode == "cross") return Mode::Cross;
+  TORCH_CHECK_VALUE(false, "hessmlp: mode must be one of 'full', 'diag', 'trace', 'cross', 'none', "
+                    "got '", std::string(mode), "'");
 }
 
 Method parse_method(c10::string_view method) {
@@ -34,6 +35,8 @@ NetSpec check_inputs(const at::Tensor& x,
                      c10::string_view method) {
   NetSpec net;
   net.mode = parse_mode(mode);
+  TORCH_CHECK_VALUE(net.mode != Mode::Cross, "hessmlp: mode 'cross' (pairs with a last direction) "
+                    "is graph_jet's, with a seed; mlp_jet takes 'full', 'diag', 'trace' or 'none'");
   net.method = parse_method(method);
   TORCH_CHECK_VALUE(x.dim() == 2, "hessmlp: x must have shape [B, d], got ", x.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -109,6 +112,7 @@ std::vector<int64_t> hessian_shape(Mode mode, int64_t B, int64_t m, int64_t d) {
   switch (mode) {
     case Mode::Full: return {B, m, d, d};
     case Mode::Diag: return {B, m, d};
+    case Mode::Cross: return {B, m, d};
     case Mode::Trace: return {B, m};
     default: return {B, m, 0};
   }

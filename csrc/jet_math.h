@@ -10,15 +10,19 @@
 
 namespace hessmlp {
 
-// What the second-order part S of the jet holds.
-enum class Mode { None, Full, Diag, Trace };
+// What the second-order part S of the jet holds, for its d directions u_0 .. u_{d-1}: every
+// pair u_a^T H u_b, a <= b (full), u_a^T H u_a (diag), their sum (trace), or the pairs with
+// the last direction u_a^T H u_{d-1} (cross: with u = [e_0 .. e_{n-1}, v], H v and v^T H v;
+// docs/design.md §10).
+enum class Mode { None, Full, Diag, Trace, Cross };
 
-// Number of second-order columns per sample: d(d+1)/2, d, 1 or 0.
+// Number of second-order columns per sample: d(d+1)/2, d, 1, d or 0.
 HM_HD int64_t n_pairs(Mode mode, int64_t d) {
   switch (mode) {
     case Mode::Full: return d * (d + 1) / 2;
     case Mode::Diag: return d;
     case Mode::Trace: return 1;
+    case Mode::Cross: return d;
     default: return 0;
   }
 }
@@ -120,6 +124,20 @@ HM_HD void jet_step_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In s,
       out[v0] = v;
       break;
     }
+    case Mode::Cross: {
+      const T tl = t[(d - 1) * stride];
+      const T stl = f.s2 * tl;
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        T v = stl * ta;
+        if (s) {
+          const T sa = s[a * stride];
+          v = v + f.s1 * sa;
+        }
+        out[v0 + a * stride] = v;
+      }
+      break;
+    }
     default:
       break;
   }
@@ -205,6 +223,29 @@ HM_HD void jet_adjoint_neuron(Mode mode, int64_t d, const Derivs<T>& f, In t, In
       g[v0] = f.s1 * v;
       break;
     }
+    case Mode::Cross: {
+      // Pair (a, l), l = d - 1: s2 T_a T_l; its adjoint goes to T_a and to T_l (twice for a = l).
+      const T tl = t[(d - 1) * stride];
+      T to_l = T(0);
+      for (int64_t a = 0; a < d; ++a) {
+        const T ta = t[a * stride];
+        const T v = g[v0 + a * stride];
+        const T w = f.s2 * v;
+        T c = f.s3 * ta * tl;
+        if (s) {
+          const T sa = s[a * stride];
+          c = c + f.s2 * sa;
+        }
+        zb = zb + v * c;
+        const T uba = g[u0 + a * stride];
+        g[u0 + a * stride] = uba + w * tl;
+        to_l = to_l + w * ta;
+        g[v0 + a * stride] = f.s1 * v;
+      }
+      const T ubl = g[u0 + (d - 1) * stride];
+      g[u0 + (d - 1) * stride] = ubl + to_l;
+      break;
+    }
     default:
       break;
   }
@@ -253,6 +294,15 @@ HM_HD void jet_product_neuron(Mode mode, int64_t d, In p, In q, int64_t stride, 
       }
       const T sp = p[v0], sq = q[v0];
       out[v0] = vq * sp + vp * sq + T(2) * acc;
+      break;
+    }
+    case Mode::Cross: {
+      const T pl = p[t0 + (d - 1) * stride], ql = q[t0 + (d - 1) * stride];
+      for (int64_t a = 0; a < d; ++a) {
+        const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
+        const T sp = p[v0 + a * stride], sq = q[v0 + a * stride];
+        out[v0 + a * stride] = vq * sp + vp * sq + pa * ql + pl * qa;
+      }
       break;
     }
     default:
@@ -322,6 +372,24 @@ HM_HD void jet_product_adjoint_neuron(Mode mode, int64_t d, In p, In q, In g, in
         gq[t0 + a * stride] = u + T(2) * gs * pa;
       }
       break;
+    case Mode::Cross: {
+      const int64_t l = d - 1;
+      for (int64_t a = 0; a < d; ++a) {
+        const T gs = g[v0 + a * stride];
+        const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
+        const T pl = p[t0 + l * stride], ql = q[t0 + l * stride];
+        // d/dT_p,a (pa ql + pl qa) = ql, d/dT_p,l = qa; likewise for q.
+        T u = gp[t0 + a * stride];
+        gp[t0 + a * stride] = u + gs * ql;
+        u = gp[t0 + l * stride];
+        gp[t0 + l * stride] = u + gs * qa;
+        u = gq[t0 + l * stride];
+        gq[t0 + l * stride] = u + gs * pa;
+        u = gq[t0 + a * stride];
+        gq[t0 + a * stride] = u + gs * pl;
+      }
+      break;
+    }
     default:
       break;
   }
@@ -349,6 +417,7 @@ HM_HD void unpack_output(Mode mode, int64_t d, const T* col, int64_t stride, T* 
       break;
     }
     case Mode::Diag:
+    case Mode::Cross:
       for (int64_t a = 0; a < d; ++a) hess[a] = V[a * stride];
       break;
     case Mode::Trace:
@@ -376,6 +445,7 @@ HM_HD void pack_output_adjoint(Mode mode, int64_t d, const T* value, const T* ja
           V[p * stride] = !hess ? T(0) : a == b ? hess[a * d + a] : hess[a * d + b] + hess[b * d + a];
       break;
     case Mode::Diag:
+    case Mode::Cross:
       for (int64_t a = 0; a < d; ++a) V[a * stride] = hess ? hess[a] : T(0);
       break;
     case Mode::Trace:

@@ -30,17 +30,18 @@ GRAM_LOOP_MAX_D = 16  # csrc/jet_driver.cpp, kGramKernelMaxD
 REVERSE_OVERHEAD = 0.95
 
 
-MODES = ("full", "diag", "trace", "none")
+MODES = ("full", "diag", "trace", "cross", "none")  # ('cross': graph_jet's, docs/design.md §10)
 
 
 def pairs(mode: str, d) -> int:
-    """Second-order entries per neuron (csrc/jet_math.h, n_pairs): d(d+1)/2, d, 1, 0."""
-    return {"full": d * (d + 1) // 2, "diag": d, "trace": 1}.get(mode, 0)
+    """Second-order entries per neuron (csrc/jet_math.h, n_pairs): d(d+1)/2, d, 1, d, 0."""
+    return {"full": d * (d + 1) // 2, "diag": d, "trace": 1, "cross": d}.get(mode, 0)
 
 
 def hessian_shape(mode: str, B, m, d) -> tuple:
     """The shape of mlp_jet's hessian output (csrc/jet_common.cpp, hessian_shape)."""
-    return {"full": (B, m, d, d), "diag": (B, m, d), "trace": (B, m), "none": (B, m, 0)}[mode]
+    return {"full": (B, m, d, d), "diag": (B, m, d), "trace": (B, m), "cross": (B, m, d),
+            "none": (B, m, 0)}[mode]
 
 
 def outputs_elements(B: int, d: int, m: int, mode: str) -> int:

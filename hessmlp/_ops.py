@@ -13,7 +13,8 @@ from . import _cost, _memory
 
 def _pairs(mode: str, d):
     if mode not in _cost.MODES:
-        raise ValueError(f"hessmlp: mode must be one of 'full', 'diag', 'trace', 'none', got {mode!r}")
+        raise ValueError(f"hessmlp: mode must be one of {', '.join(map(repr, _cost.MODES))}, got "
+                         f"{mode!r}")
     return _cost.pairs(mode, d)
 
 
@@ -34,6 +35,7 @@ def _mlp_jet_fake(x, weights, biases, stage_sizes, act_codes, act_params, mode, 
     _check_devices(x, (("weights", weights), ("biases", biases)))
     torch._check(x.dim() == 2, lambda: f"hessmlp: x must have shape [B, d], got {tuple(x.shape)}")
     torch._check(len(weights) >= 1, lambda: "hessmlp: weights must hold at least one Linear weight")
+    torch._check(mode != "cross", lambda: "hessmlp: mode 'cross' is graph_jet's, with a seed")
     B, d = x.shape
     m = weights[-1].shape[0]
     C = 1 + d + _pairs(mode, d)

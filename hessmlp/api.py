@@ -12,10 +12,11 @@ from ._memory import memory_budget, set_memory_budget
 from ._graph import chain_layout, chain_network
 from ._spec import Network, UnsupportedModelError, unwrap
 
-__all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian", "set_memory_budget",
-           "memory_budget"]
+__all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian", "hvp",
+           "set_memory_budget", "memory_budget"]
 
 _MODES = {"full": "full", "diag": "diag", "trace": "trace", None: "none"}
+# (Mode 'cross', the pairs with a last direction, is internal: hvp's.)
 
 
 class Jet(NamedTuple):
@@ -263,9 +264,12 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=N
 
     _check_context()
     x, input_widths = _inputs(x)
-    if not (hessian is None or isinstance(hessian, str)) or hessian not in _MODES:
+    if directions is not None and hessian == "cross":
+        mode = "cross"
+    elif not (hessian is None or isinstance(hessian, str)) or hessian not in _MODES:
         raise ValueError(f"hessmlp: hessian must be 'full', 'diag', 'trace' or None, got {hessian!r}")
-    mode = _MODES[hessian]
+    else:
+        mode = _MODES[hessian]
     if not isinstance(model, nn.Module):
         raise TypeError(f"hessmlp: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(method, str) or method not in ("auto", "forward", "reverse"):
@@ -432,6 +436,40 @@ def laplacian(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
     if weights is None and matrix is None:
         return _run(model, x, "trace", output, method, wrt).hessian
     return _weighted_laplacian(model, x, output, method, wrt, weights, matrix)
+
+
+def hvp(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
+        x: torch.Tensor, v: torch.Tensor, output: Optional[int] = None,
+        method: str = "auto") -> torch.Tensor:
+    """Hessian-vector products H v: (B, m, d), (B, d) with output=k; unbatched x drops B.
+
+    v: (d,) for every sample or (B, d) one per sample, x's dtype and device. By forward jets
+    along the d unit vectors and v with only the pairs (e_a, v) in the second order
+    (docs/design.md §10): 2d + 3 columns, about one column of the full Hessian's 1 + d +
+    d(d+1)/2, never the whole Hessian. Differentiable w.r.t. x, the parameters and v.
+    """
+    if method not in ("auto", "forward"):
+        raise ValueError(f"hessmlp: hvp computes by forward jets (method='auto' or 'forward'), "
+                         f"got method={method!r}")
+    xj, _ = _inputs(x)
+    d, batched = xj.shape[-1], xj.dim() == 2
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"hessmlp: v must be a torch.Tensor, got {type(v).__name__}")
+    shapes = [(d,)] + ([(xj.shape[0], d)] if batched else [])
+    if tuple(v.shape) not in shapes:
+        raise ValueError(f"hessmlp: v must have shape {' or '.join(str(s) for s in shapes)} (d = {d}"
+                         f"{', or one per sample' if batched else ''}), got {tuple(v.shape)}")
+    if v.dtype != xj.dtype:
+        raise TypeError(f"hessmlp: v is {v.dtype} but x is {xj.dtype}; convert v with .to({xj.dtype})")
+    if v.device != xj.device:
+        raise ValueError(f"hessmlp: v is on {v.device} but x is on {xj.device}")
+    eye = torch.eye(d, dtype=xj.dtype, device=xj.device)
+    if v.dim() == 1:
+        seed = torch.cat([eye, v.unsqueeze(0)])                       # (d + 1, d)
+    else:
+        seed = torch.cat([eye.expand(v.shape[0], d, d), v.unsqueeze(1)], dim=1)  # (B, d + 1, d)
+    # The pairs (u_a, u_d) of the directions [e_0 .. e_{d-1}, v]: e_a^T H v, then v^T H v.
+    return _run(model, x, "cross", output, "forward", directions=seed).hessian[..., :d]
 
 
 def jacobian(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile

@@ -321,7 +321,7 @@ def test_graph_jet_against_cpu_kernels(dtype, cap):
         # Directions: the unit vectors, 2 shared ones, or 3 per sample.
         u = [None, torch.randn(2, graph.d, dtype=dtype), torch.randn(9, 3, graph.d, dtype=dtype)][seed % 3]
         needs = [True] * (1 + len(graph.tensors) + (u is not None))
-        for mode in MODES:
+        for mode in MODES + ["cross"]:
             tag = f"seed={seed} {mode} blocks={used} directions={None if u is None else tuple(u.shape)}"
             out = emulated().graph_jet(*args, mode, u)
             check_same(out, native().graph_jet(*args, mode, u), dtype, tag)

@@ -323,7 +323,7 @@ def test_op_refuses_wrong_shapes():
 
 
 @pytest.mark.parametrize("directions", ["units", "shared", "per_sample"])
-@pytest.mark.parametrize("mode", ["full", "diag", "trace", "none"])
+@pytest.mark.parametrize("mode", ["full", "diag", "trace", "cross", "none"])
 def test_opcheck_graph_jet(mode, directions):
     """Every opcheck utility on graph_jet and its backward: schema, fake kernel against the
     real one, autograd registration, aot dispatch; with and without a seed."""
@@ -368,3 +368,55 @@ def test_blocks_of_samples(seed, dtype):
         for a, b, name in zip(got, want, ("value", "jacobian", mode)):
             assert_rel_close(a, b, dtype, f"seed={seed} {name} B={B} blocks={used}")
         check_gradients(graph, x, mode, f"seed={seed} B={B} blocks={used}", seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", range(12))
+def test_directions_on_random_graphs(seed, dtype):
+    """graph_jet along seeded directions U (shared or per sample), every mode and 'cross'
+    (the pairs with the last direction): U J^T and U H U^T's entries, against torch.func; its
+    gradients w.r.t. x, every tensor and U."""
+    from hessmlp._graph import graph_jet
+
+    graph, _, used = random_graph(seed, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    B, d = 5, graph.d
+    x = torch.randn(B, d, dtype=dtype, generator=gen)
+    k = 1 + seed % 3
+    U = torch.randn(*((B,) if seed % 2 else ()), k, d, dtype=dtype, generator=gen)
+    J, H = func_derivatives(graph, x)[1:]
+    Ub = U if U.dim() == 3 else U.expand(B, k, d)
+    UJ = torch.einsum("bmd,bkd->bmk", J, Ub)
+    UHU = torch.einsum("bki,bmij,blj->bmkl", Ub, H, Ub)
+    want = {"full": UHU, "diag": UHU.diagonal(dim1=-2, dim2=-1),
+            "trace": UHU.diagonal(dim1=-2, dim2=-1).sum(-1), "cross": UHU[..., -1]}
+    tag = f"seed={seed} blocks={used} U={tuple(U.shape)}"
+    for mode, w in want.items():
+        _, j, h = graph_jet(graph, x, mode, U)
+        assert_rel_close(j, UJ, dtype, f"jacobian {mode} {tag}")
+        assert_rel_close(h, w, dtype, f"{mode} {tag}")
+    # Gradients, U included (a random linear functional of the cross outputs).
+    from hessmlp._graph import Graph
+
+    ts = [t.detach().clone().requires_grad_() for t in graph.tensors]
+    xr, Ur = x.clone().requires_grad_(), U.clone().requires_grad_()
+
+    def f(tt, xi):
+        return evaluate(Graph(graph.nodes, list(tt)), xi.unsqueeze(0))[0]
+
+    Jr = torch.func.vmap(torch.func.jacrev(f, argnums=1), in_dims=(None, 0))(tuple(ts), xr)
+    Hr = torch.func.vmap(torch.func.hessian(f, argnums=1), in_dims=(None, 0))(tuple(ts), xr)
+    Ubr = Ur if Ur.dim() == 3 else Ur.expand(B, k, d)
+    ref = [torch.einsum("bmd,bkd->bmk", Jr, Ubr), torch.einsum("bki,bmij,bj->bmk", Ubr, Hr, Ubr[:, -1])]
+    ws = [torch.randn(t.shape, dtype=dtype, generator=gen) for t in ref]
+    g_want = torch.autograd.grad(sum((a * b).sum() for a, b in zip(ws, ref)), [xr, Ur, *ts],
+                                 allow_unused=True)
+    th = [t.detach().clone().requires_grad_() for t in graph.tensors]
+    xh, Uh = x.clone().requires_grad_(), U.clone().requires_grad_()
+    out = graph_jet(Graph(graph.nodes, th), xh, "cross", Uh)[1:]
+    g_got = torch.autograd.grad(sum((a * b).sum() for a, b in zip(ws, out)), [xh, Uh, *th])
+    rtol = 1e-9 if dtype == torch.float64 else 5e-4
+    for i, (a, e) in enumerate(zip(g_got, g_want)):
+        e = torch.zeros_like(a) if e is None else e
+        scale = max(e.abs().max().item(), 1.0)
+        assert (a - e).abs().max().item() <= rtol * scale, f"{tag} grad {i}"

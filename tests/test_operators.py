@@ -261,3 +261,87 @@ def test_compiled_pinn_step_with_wrt():
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(x), params)
     for g, w in zip(got, want):
         assert_rel_close(g, w, f64, "compiled gradient")
+
+
+# ---- Hessian-vector products ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, model", models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_hvp(name, model):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 4, dtype=f64, generator=gen)
+    _, H = reference(model, x)
+    v = torch.randn(4, dtype=f64, generator=gen)
+    vb = torch.randn(6, 4, dtype=f64, generator=gen)
+    assert_rel_close(hessmlp.hvp(model, x, v), H @ v, f64, "shared v")
+    assert_rel_close(hessmlp.hvp(model, x, vb), torch.einsum("bmij,bj->bmi", H, vb), f64, "per-sample v")
+    assert_rel_close(hessmlp.hvp(model, x, vb, output=1), torch.einsum("bij,bj->bi", H[:, 1], vb), f64,
+                     "output=1")
+    assert_rel_close(hessmlp.hvp(model, x[3], v), H[3] @ v, f64, "unbatched")
+
+
+@pytest.mark.parametrize("name, model", models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_hvp_gradients(name, model):
+    """A loss of H v: its gradients w.r.t. every parameter, x and v, against autograd through
+    torch.func."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 4, dtype=f64, generator=gen)
+    v = torch.randn(4, 4, dtype=f64, generator=gen)
+    w = torch.randn(4, 2, 4, dtype=f64, generator=gen)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss_ref(p, x, v):
+        f = lambda xi: torch.func.functional_call(model, p, (xi.unsqueeze(0),))[0]  # noqa: E731
+        H = torch.func.vmap(torch.func.hessian(f))(x)
+        return (torch.einsum("bmij,bj->bmi", H, v) * w).sum()
+
+    want = torch.func.grad(loss_ref, argnums=(0, 1, 2))(params, x, v)
+    for p in model.parameters():
+        p.grad = None
+    xg, vg = x.clone().requires_grad_(), v.clone().requires_grad_()
+    (hessmlp.hvp(model, xg, vg) * w).sum().backward()
+    for k, p in model.named_parameters():
+        g = torch.zeros_like(p) if p.grad is None else p.grad
+        assert_rel_close(g, want[0][k], f64, f"grad {k}")
+    assert_rel_close(xg.grad, want[1], f64, "grad x")
+    assert_rel_close(vg.grad, want[2], f64, "grad v")
+
+
+def test_hvp_costs_one_direction_pair_per_input(monkeypatch):
+    seen = []
+    real = torch.ops.hessmlp.graph_jet
+    monkeypatch.setattr(torch.ops.hessmlp, "graph_jet",
+                        lambda *a: seen.append((a[5], tuple(a[6].shape))) or real(*a))
+    model = hessmlp.MLP(10, [16], 1).double()
+    hessmlp.hvp(model, torch.randn(3, 10, dtype=f64), torch.randn(10, dtype=f64))
+    assert seen == [("cross", (11, 10))]  # 11 directions, 11 second-order columns (not 55)
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((torch.ones(3, dtype=f64),), ValueError, r"v must have shape \(4,\) or \(5, 4\)"),
+    ((torch.ones(4),), TypeError, "v is torch.float32 but x is torch.float64"),
+    (([1.0] * 4,), TypeError, "v must be a torch.Tensor"),
+    ((torch.ones(4, dtype=f64), None, "reverse"), ValueError, "hvp computes by forward jets"),
+])
+def test_hvp_bad_arguments(args, exc, match):
+    model = hessmlp.MLP(4, [8], 1).double()
+    with pytest.raises(exc, match=match):
+        hessmlp.hvp(model, torch.randn(5, 4, dtype=f64), *args)
+
+
+def test_operators_compile():
+    """weights, matrix and hvp under torch.compile(fullgraph=True): the eager results (the
+    compiled routes take the weighted diagonal, with no data-dependent branch)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = hessmlp.ModifiedMLP(3, width=8, depth=2).double()
+    x = torch.randn(5, 3, dtype=f64)
+    c = torch.rand(5, 3, dtype=f64)
+    A = torch.randn(3, 3, dtype=f64)
+    v = torch.randn(3, dtype=f64)
+
+    def f(x):
+        return (hessmlp.laplacian(model, x, weights=c), hessmlp.laplacian(model, x, matrix=A),
+                hessmlp.hvp(model, x, v))
+
+    for got, want in zip(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x)):
+        assert_rel_close(got, want, f64, "compiled")
