@@ -340,24 +340,25 @@ HM_HD void jet_product_adjoint_neuron(Mode mode, int64_t d, In p, In q, In g, in
     const T b0 = gq[v0 + k * stride];
     gq[v0 + k * stride] = b0 + vp * gs;
   }
+  // The pair (a, c) term T_p,a T_q,c + T_p,c T_q,a with adjoint gs: d/dT_p,a = gs T_q,c,
+  // d/dT_p,c = gs T_q,a; likewise for q.
+  auto pair_adjoint = [&](int64_t a, int64_t c, T gs) {
+    const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
+    const T pc = p[t0 + c * stride], qc = q[t0 + c * stride];
+    T u = gp[t0 + a * stride];
+    gp[t0 + a * stride] = u + gs * qc;
+    u = gp[t0 + c * stride];
+    gp[t0 + c * stride] = u + gs * qa;
+    u = gq[t0 + c * stride];
+    gq[t0 + c * stride] = u + gs * pa;
+    u = gq[t0 + a * stride];
+    gq[t0 + a * stride] = u + gs * pc;
+  };
   switch (mode) {
     case Mode::Full: {
       int64_t k = 0;
       for (int64_t a = 0; a < d; ++a) {
-        for (int64_t c = a; c < d; ++c, ++k) {
-          const T gs = g[v0 + k * stride];
-          const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
-          const T pc = p[t0 + c * stride], qc = q[t0 + c * stride];
-          // d/dT_p,a (pa qc + pc qa) = qc, d/dT_p,c = qa; likewise for q.
-          T u = gp[t0 + a * stride];
-          gp[t0 + a * stride] = u + gs * qc;
-          u = gp[t0 + c * stride];
-          gp[t0 + c * stride] = u + gs * qa;
-          u = gq[t0 + c * stride];
-          gq[t0 + c * stride] = u + gs * pa;
-          u = gq[t0 + a * stride];
-          gq[t0 + a * stride] = u + gs * pc;
-        }
+        for (int64_t c = a; c < d; ++c, ++k) pair_adjoint(a, c, g[v0 + k * stride]);
       }
       break;
     }
@@ -372,24 +373,9 @@ HM_HD void jet_product_adjoint_neuron(Mode mode, int64_t d, In p, In q, In g, in
         gq[t0 + a * stride] = u + T(2) * gs * pa;
       }
       break;
-    case Mode::Cross: {
-      const int64_t l = d - 1;
-      for (int64_t a = 0; a < d; ++a) {
-        const T gs = g[v0 + a * stride];
-        const T pa = p[t0 + a * stride], qa = q[t0 + a * stride];
-        const T pl = p[t0 + l * stride], ql = q[t0 + l * stride];
-        // d/dT_p,a (pa ql + pl qa) = ql, d/dT_p,l = qa; likewise for q.
-        T u = gp[t0 + a * stride];
-        gp[t0 + a * stride] = u + gs * ql;
-        u = gp[t0 + l * stride];
-        gp[t0 + l * stride] = u + gs * qa;
-        u = gq[t0 + l * stride];
-        gq[t0 + l * stride] = u + gs * pa;
-        u = gq[t0 + a * stride];
-        gq[t0 + a * stride] = u + gs * pl;
-      }
+    case Mode::Cross:
+      for (int64_t a = 0; a < d; ++a) pair_adjoint(a, d - 1, g[v0 + a * stride]);
       break;
-    }
     default:
       break;
   }
