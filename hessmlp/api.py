@@ -174,16 +174,37 @@ def _run_graph(graph, x: torch.Tensor, mode: str, output, method: str, seed=None
         t.requires_grad for t in (xb, *graph.tensors, *([] if seed is None else [seed])))
     # Memory: every node's columns, as the backward keeps them.
     widths = [sum(n.width for n in graph.nodes), graph.m]
-    _, rows = _memory.plan(B, k, widths, mode, "forward", xb, output, save, forward_only=True)
+    # (hvp's adjoint: the jets along v with the backward's working memory.)
+    _, rows = _memory.plan(B, k, widths, "none" if mode == "hvp" else mode, "forward", xb, output,
+                           save or mode == "hvp", forward_only=True)
     kinds, program, consts = op_arguments(graph)
     per_sample = seed is not None and seed.dim() == 3
 
     def run(b0, b1):
         u = seed[b0:b1] if per_sample else seed
-        return torch.ops.hessmlp.graph_jet(xb[b0:b1] if (b0, b1) != (0, B) else xb, graph.tensors,
-                                           kinds, program, consts, mode, u)
+        xc = xb[b0:b1] if (b0, b1) != (0, B) else xb
+        if mode == "hvp":
+            return _hvp_adjoint(graph, xc, u, kinds, program, consts)
+        return torch.ops.hessmlp.graph_jet(xc, graph.tensors, kinds, program, consts, mode, u)
 
     return _jet_of_calls(run, xb, rows, mode, output, batched)
+
+
+def _hvp_adjoint(graph, x, v, kinds, program, consts):
+    """H v of each output by the forward jets along v alone (value and J v: mode none, one
+    direction) and their adjoint w.r.t. x for dJv/dx = H v (graph_jet_backward, one call per
+    output). As (value, jacobian, H v [B, m, d]) for _jet_of_calls; value and jacobian are
+    not computed (left empty)."""
+    B, m = x.shape[0], graph.m
+    needs = [True] + [False] * len(graph.tensors) + [False]
+    out = []
+    for k in range(m):
+        gj = x.new_zeros((B, m, 1))
+        gj[:, k] = 1
+        gx, _, _ = torch.ops.hessmlp.graph_jet_backward(None, gj, None, x, graph.tensors, kinds,
+                                                        program, consts, "none", v, needs)
+        out.append(gx)
+    return x.new_empty((B, m)), x.new_empty((B, m, 1)), torch.stack(out, dim=1)
 
 
 def _jet_of_calls(run, xb: torch.Tensor, rows: int, mode: str, output, batched: bool) -> Jet:
@@ -264,8 +285,8 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=N
 
     _check_context()
     x, input_widths = _inputs(x)
-    if directions is not None and hessian == "cross":
-        mode = "cross"
+    if directions is not None and hessian in ("cross", "hvp"):
+        mode = hessian  # (hvp's: the pairs with v; or forward along v, then back)
     elif not (hessian is None or isinstance(hessian, str)) or hessian not in _MODES:
         raise ValueError(f"hessmlp: hessian must be 'full', 'diag', 'trace' or None, got {hessian!r}")
     else:
@@ -443,14 +464,17 @@ def hvp(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
         method: str = "auto") -> torch.Tensor:
     """Hessian-vector products H v: (B, m, d), (B, d) with output=k; unbatched x drops B.
 
-    v: (d,) for every sample or (B, d) one per sample, x's dtype and device. By forward jets
-    along the d unit vectors and v with only the pairs (e_a, v) in the second order
-    (docs/design.md §10): 2d + 3 columns, about one column of the full Hessian's 1 + d +
-    d(d+1)/2, never the whole Hessian. Differentiable w.r.t. x, the parameters and v.
+    v: (d,) for every sample or (B, d) one per sample, x's dtype and device (docs/design.md
+    §10). method 'reverse': forward jets along v alone, then their adjoint w.r.t. x (one
+    backward sweep per output: a few passes of the network, like one column of the Hessian
+    by reverse mode); not differentiable, so only where no gradient flows through the
+    result. method 'forward': forward jets along the d unit vectors and v with only the
+    pairs (e_a, v) in the second order (2d + 3 columns, never the whole Hessian),
+    differentiable w.r.t. x, the parameters and v. 'auto' takes 'reverse' when no
+    gradient is needed (torch.no_grad(), or nothing requires grad), else 'forward'.
     """
-    if method not in ("auto", "forward"):
-        raise ValueError(f"hessmlp: hvp computes by forward jets (method='auto' or 'forward'), "
-                         f"got method={method!r}")
+    if not isinstance(method, str) or method not in ("auto", "forward", "reverse"):
+        raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
     xj, _ = _inputs(x)
     d, batched = xj.shape[-1], xj.dim() == 2
     if not isinstance(v, torch.Tensor):
@@ -463,6 +487,21 @@ def hvp(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
         raise TypeError(f"hessmlp: v is {v.dtype} but x is {xj.dtype}; convert v with .to({xj.dtype})")
     if v.device != xj.device:
         raise ValueError(f"hessmlp: v is on {v.device} but x is on {xj.device}")
+    parts = x if isinstance(x, (tuple, list)) else (x,)
+    params = model.parameters() if isinstance(model, nn.Module) else ()
+    needs_grad = torch.is_grad_enabled() and (
+        v.requires_grad or any(t.requires_grad for t in parts) or any(p.requires_grad for p in params))
+    if method == "auto":
+        # Forward along v then back costs a few passes but is not differentiable again; when
+        # gradients flow through H v, the pairs (e_a, v) forward (differentiable).
+        method = "forward" if needs_grad or torch.compiler.is_compiling() else "reverse"
+    if method == "reverse":
+        if needs_grad:
+            raise ValueError(
+                "hessmlp: hvp with method='reverse' (forward along v, then back) is not "
+                "differentiable, and gradients would flow through it here (x, v or the parameters "
+                "require grad); use method='forward' or 'auto', or call it under torch.no_grad()")
+        return _run(model, x, "hvp", output, "forward", directions=v.unsqueeze(-2)).hessian
     eye = torch.eye(d, dtype=xj.dtype, device=xj.device)
     if v.dim() == 1:
         seed = torch.cat([eye, v.unsqueeze(0)])                       # (d + 1, d)

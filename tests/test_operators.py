@@ -277,6 +277,17 @@ def test_hvp(name, model):
     assert_rel_close(hessmlp.hvp(model, x, vb, output=1), torch.einsum("bij,bj->bi", H[:, 1], vb), f64,
                      "output=1")
     assert_rel_close(hessmlp.hvp(model, x[3], v), H[3] @ v, f64, "unbatched")
+    # Where no gradient is needed, 'auto' takes forward along v, then back.
+    with torch.no_grad():
+        assert_rel_close(hessmlp.hvp(model, x, v), H @ v, f64, "no_grad, shared v")
+        assert_rel_close(hessmlp.hvp(model, x, vb, output=1),
+                         torch.einsum("bij,bj->bi", H[:, 1], vb), f64, "no_grad, output=1")
+        assert_rel_close(hessmlp.hvp(model, x[3], v), H[3] @ v, f64, "no_grad, unbatched")
+        with hessmlp.memory_budget(20_000):
+            assert_rel_close(hessmlp.hvp(model, x, vb), torch.einsum("bmij,bj->bmi", H, vb), f64,
+                             "no_grad, chunks")
+    with pytest.raises(ValueError, match="method='reverse' .* is not differentiable"):
+        hessmlp.hvp(model, x, v, method="reverse")
 
 
 @pytest.mark.parametrize("name, model", models(), ids=lambda v: v if isinstance(v, str) else "")
@@ -316,11 +327,22 @@ def test_hvp_costs_one_direction_pair_per_input(monkeypatch):
     assert seen == [("cross", (11, 10))]  # 11 directions, 11 second-order columns (not 55)
 
 
+def test_hvp_reverse_is_one_sweep_per_output(monkeypatch):
+    seen = []
+    real = torch.ops.hessmlp.graph_jet_backward
+    monkeypatch.setattr(torch.ops.hessmlp, "graph_jet_backward",
+                        lambda *a: seen.append((a[8], tuple(a[9].shape))) or real(*a))
+    model = hessmlp.MLP(10, [16], 3).double()
+    with torch.no_grad():
+        hessmlp.hvp(model, torch.randn(4, 10, dtype=f64), torch.randn(10, dtype=f64))
+    assert seen == [("none", (1, 10))] * 3  # jets along v alone, one sweep back per output
+
+
 @pytest.mark.parametrize("args, exc, match", [
     ((torch.ones(3, dtype=f64),), ValueError, r"v must have shape \(4,\) or \(5, 4\)"),
     ((torch.ones(4),), TypeError, "v is torch.float32 but x is torch.float64"),
     (([1.0] * 4,), TypeError, "v must be a torch.Tensor"),
-    ((torch.ones(4, dtype=f64), None, "reverse"), ValueError, "hvp computes by forward jets"),
+    ((torch.ones(4, dtype=f64), None, "backward"), ValueError, "method must be 'auto', 'forward' or"),
 ])
 def test_hvp_bad_arguments(args, exc, match):
     model = hessmlp.MLP(4, [8], 1).double()
