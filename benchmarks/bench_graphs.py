@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import hessmlp
-from hessmlp.bench import interleaved, relative_error
+from hessmlp.bench import relative_error, timed_row, write_rows
 
 
 class SkipSDF(nn.Module):
@@ -63,8 +63,7 @@ def func_hessian(model, x):
 
 
 def graph_rows(B, rounds, run_time, device="cpu", say=print):
-    """(network, what, B, hessmlp ms, torch.func ms, ratio, lowest and highest round ratio)
-    for each network and case, agreement asserted first."""
+    """hessmlp.bench.timed_row's rows for each network and case, agreement asserted first."""
     device = torch.device(device)
     rows = []
     for name, model, d in models():
@@ -98,18 +97,13 @@ def graph_rows(B, rounds, run_time, device="cpu", say=print):
             with torch.set_grad_enabled(what == "train step"):
                 a, b = ours(), theirs()
                 if what == "train step":
-                    e = max(relative_error(torch.zeros_like(q).double() if u is None else u.double(),
-                                           torch.zeros_like(q).double() if v is None else v.double())
-                            for u, v, q in zip(a, b, params))
+                    dense = lambda g, q: (torch.zeros_like(q) if g is None else g).double()  # noqa: E731
+                    e = max(relative_error(dense(u, q), dense(v, q)) for u, v, q in zip(a, b, params))
                 else:
                     e = relative_error(a.double(), b.double())
                 assert e < 1e-3, f"{name} {what}: float32 results differ by {e:.2e}"
-                t_ours, t_func, ratios = interleaved(ours, theirs, rounds, run_time)
-            rows.append((name, what, B, t_ours * 1e3, t_func * 1e3, t_func / t_ours,
-                         min(ratios), max(ratios)))
-            say(f"{name:16s} {what:13s} B={B}: hessmlp {t_ours * 1e3:8.2f} ms, torch.func "
-                f"{t_func * 1e3:8.2f} ms, ratio {t_func / t_ours:5.2f} "
-                f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")
+                rows.append(timed_row(f"{name}: {what}", "torch.func", B, ours, theirs, rounds,
+                                      run_time, say))
     return rows
 
 
@@ -125,16 +119,9 @@ def main():
     rows = graph_rows(B, rounds, run_time, device, lambda s: print(s, flush=True))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"graphs_{device.type}.md")
-    with open(path, "w") as f:
-        f.write(f"# Graph networks, {device.type}: hessmlp against vmap(torch.func.hessian)\n\n")
-        f.write(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                f"torch {torch.__version__}, float32; agreement with torch.func asserted first "
-                "(float64, 1e-10). Ratio: torch.func / hessmlp, medians of interleaved rounds.\n\n")
-        f.write("| network | what | B | hessmlp ms | torch.func ms | ratio | rounds |\n")
-        f.write("| --- | --- | --- | --- | --- | --- | --- |\n")
-        for r in rows:
-            f.write(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | "
-                    f"{r[6]:.2f}-{r[7]:.2f} |\n")
+    write_rows(path, f"Graph networks, {device.type}: hessmlp against vmap(torch.func.hessian)",
+               "Agreement with torch.func asserted first (float64, 1e-10). Ratio: torch.func / "
+               "hessmlp, medians of interleaved rounds.", rows)
     print("wrote", path)
 
 

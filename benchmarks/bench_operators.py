@@ -19,12 +19,11 @@ interleaved rounds (hessmlp.bench.interleaved); ratio = baseline / hessmlp.
 """
 import argparse
 import os
-import platform
 
 import torch
 
 import hessmlp
-from hessmlp.bench import interleaved, relative_error
+from hessmlp.bench import relative_error, timed_row, write_rows
 
 
 def func_hessian(model, x):
@@ -57,7 +56,7 @@ def _hvp(model, x, v):
 
 
 def operator_rows(B, rounds, run_time, device="cpu", say=print):
-    """(case, baseline, B, hessmlp ms, baseline ms, ratio, lowest and highest round ratio)."""
+    """hessmlp.bench.timed_row's rows for each case and baseline, agreement asserted first."""
     device = torch.device(device)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -83,27 +82,8 @@ def operator_rows(B, rounds, run_time, device="cpu", say=print):
             for what, base in bases.items():
                 e = relative_error(ours().double(), base().double())
                 assert e < 1e-3, f"{name}: float32 results differ from {what} by {e:.2e}"
-                t_ours, t_base, ratios = interleaved(ours, base, rounds, run_time)
-                rows.append((name, what, B, t_ours * 1e3, t_base * 1e3, t_base / t_ours,
-                             min(ratios), max(ratios)))
-                say(f"{name:48s} vs {what:30s} B={B}: hessmlp {t_ours * 1e3:8.2f} ms, "
-                    f"baseline {t_base * 1e3:8.2f} ms, ratio {t_base / t_ours:5.2f} "
-                    f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")
+                rows.append(timed_row(name, what, B, ours, base, rounds, run_time, say))
     return rows
-
-
-def write(rows, path, device):
-    with open(path, "w") as f:
-        f.write(f"# Operators, {device}: only the directions the equation needs\n\n")
-        f.write(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                f"torch {torch.__version__}, float32; tanh MLP 4x128, m = 1; agreement asserted "
-                "first (float64 against torch.func, 1e-10). Ratio: baseline / hessmlp, medians of "
-                "interleaved rounds.\n\n")
-        f.write("| case | baseline | B | hessmlp ms | baseline ms | ratio | rounds |\n")
-        f.write("| --- | --- | --- | --- | --- | --- | --- |\n")
-        for r in rows:
-            f.write(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | "
-                    f"{r[6]:.2f}-{r[7]:.2f} |\n")
 
 
 def main():
@@ -116,8 +96,11 @@ def main():
     rounds, run_time = (3, 0.2) if args.quick else (5, 0.5)
     rows = operator_rows(B, rounds, run_time, args.device, lambda s: print(s, flush=True))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"operators_{torch.device(args.device).type}.md")
-    write(rows, path, torch.device(args.device).type)
+    device = torch.device(args.device).type
+    path = os.path.join(args.out, f"operators_{device}.md")
+    write_rows(path, f"Operators, {device}: only the directions the equation needs",
+               "tanh MLP 4x128, m = 1; agreement asserted first (float64 against torch.func, "
+               "1e-10). Ratio: baseline / hessmlp, medians of interleaved rounds.", rows)
     print("wrote", path)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils import benchmark
 
 import hessmlp
-from hessmlp import _cost
+from hessmlp import _cost, bench
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 F32, F64 = torch.float32, torch.float64
@@ -315,11 +315,9 @@ def main():
         "asserted first (float64, 1e-10); train step: a Laplacian loss and its gradients w.r.t. "
         "every parameter.")
     say()
-    say("| network | what | B | hessmlp ms | torch.func ms | ratio | rounds |")
-    say("|---|---|---|---|---|---|---|")
+    say(bench.ROW_HEADER)
     for r in graph_rows(1024 // q, 5, rt, say=lambda s: print(s, flush=True)):
-        say(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f}x | "
-            f"{r[6]:.2f}-{r[7]:.2f} |")
+        say(bench.row_markdown(r))
     say()
 
     # ---- operators (issue 14)
@@ -330,11 +328,9 @@ def main():
     say("tanh MLP 4x128, m = 1. Each hessmlp operator against the routes that compute more and "
         "throw it away. Agreement asserted first (float64 against torch.func, 1e-10).")
     say()
-    say("| case | baseline | B | hessmlp ms | baseline ms | ratio | rounds |")
-    say("|---|---|---|---|---|---|---|")
+    say(bench.ROW_HEADER)
     for r in operator_rows(2048 // q, 5, rt, say=lambda s: print(s, flush=True)):
-        say(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f}x | "
-            f"{r[6]:.2f}-{r[7]:.2f} |")
+        say(bench.row_markdown(r))
     say()
 
     # ---- baselines for the PINN full Hessian

@@ -6,8 +6,6 @@
 #include "graph.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -333,13 +331,6 @@ std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec,
   return cols;
 }
 
-// The hessmlp setup of every graph op call: device guard, no autocast inside.
-struct Scope {
-  c10::DeviceGuard guard;
-  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
-  explicit Scope(const at::Tensor& x) : guard(x.device()) {}
-};
-
 // Samples per block: on a backend that goes block by block (the CPU, Kernels::rows_per_block)
 // as many as keep one node's columns at the widest node in cache, as a chain's; else B.
 int64_t block_rows(const Kernels& k, const GraphSpec& spec, const at::Tensor& x) {
@@ -496,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
     c10::string_view mode_name, const std::optional<at::Tensor>& seed_in) {
   const GraphSpec spec = check_graph(x_in, tensors, kinds, program, consts, mode_name, seed_in);
   // (hessmlp computes in the dtype of x and the tensors: see mlp_jet_run.)
-  const Scope scope(x_in);
+  const OpScope scope(x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor seed = seed_in.has_value() && seed_in->defined() ? seed_in->contiguous() : at::Tensor();
   const int64_t B = spec.batch, kd = spec.k, m = spec.m();
@@ -557,7 +548,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> graph_jet_backward_r
   const at::Tensor gj = grad(grad_jacobian, {B, m, kd}, "grad_jacobian");
   const at::Tensor gh =
       mode == Mode::None ? at::Tensor() : grad(grad_hessian, hessian_shape(mode, B, m, kd), "grad_hessian");
-  const Scope scope(x_in);
+  const OpScope scope(x_in);
   const at::Tensor x = x_in.contiguous();
   const at::TensorOptions opt = x.options();
   at::Tensor grad_x = needs[0] ? at::zeros({B, d}, opt) : at::empty({0}, opt);

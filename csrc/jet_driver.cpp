@@ -3,10 +3,8 @@
 #include "jet_driver.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <utility>
@@ -453,10 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_
   // d = 0: no derivatives to form; forward jets give the value alone (reverse-Gram's layout
   // assumes d >= 1).
   if (spec.d == 0) spec.method = Method::Forward;
-  const c10::DeviceGuard guard(x_in.device());
-  // hessmlp computes in the dtype of x and the parameters: autocast must not reach the
-  // GEMMs inside (it would hand the kernels bfloat16 or float16 columns).
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const OpScope scope(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = spec.batch, d = spec.d, m = spec.m();
   at::Tensor value = at::empty({B, m}, x.options());
@@ -484,8 +479,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
   const NetSpec spec = check_inputs(x_in, weights, biases, stage_sizes, act_codes, act_params,
                                     mode, "forward");
   check_backward_inputs(spec, x_in, grad_value, grad_jacobian, grad_hessian, saved);
-  const c10::DeviceGuard guard(x_in.device());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const OpScope scope(x_in);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   const int64_t B = spec.batch, d = spec.d, L = spec.n_layers();
   const int64_t P = spec.pairs();

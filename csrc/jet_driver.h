@@ -8,6 +8,8 @@
 #include "jet_common.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +19,15 @@
 #include <vector>
 
 namespace hessmlp {
+
+// The setup of every op call: a device guard, and no autocast inside (hessmlp computes in the
+// dtype of x and the parameters: autocast must not reach the GEMMs, which would hand the
+// kernels bfloat16 or float16 columns).
+struct OpScope {
+  c10::DeviceGuard guard;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+  explicit OpScope(const at::Tensor& x) : guard(x.device()) {}
+};
 
 // body(c0, c1) over the blocks 0 .. blocks - 1, split among threads. The ATen ops the body
 // calls dispatch as on the calling thread (below autograd, as in the ops' kernels).

@@ -341,6 +341,22 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=N
     return _jet_of_calls(run, xb, rows, mode, output, batched)
 
 
+def _check_operand(name: str, t, one: Tuple[int, ...], x: torch.Tensor, what: str) -> None:
+    """An operator's tensor argument: of shape one (every sample's) or (B, *one) for batched x,
+    x's dtype and device; what: the shape's meaning, for the message."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"hessmlp: {name} must be a torch.Tensor, got {type(t).__name__}")
+    shapes = [one] + ([(x.shape[0], *one)] if x.dim() == 2 else [])
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"hessmlp: {name} must have shape {' or '.join(str(s) for s in shapes)} "
+                         f"({what}), got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"hessmlp: {name} is {t.dtype} but x is {x.dtype}; convert {name} with "
+                        f".to({x.dtype})")
+    if t.device != x.device:
+        raise ValueError(f"hessmlp: {name} is on {t.device} but x is on {x.device}")
+
+
 def _weighted_laplacian(model, x, output, method, wrt, weights, matrix) -> torch.Tensor:
     """sum_i c_i d^2y/dx_i^2 (weights) or tr(A H) (matrix) over the inputs of wrt, by jets
     along the directions each needs (docs/design.md §10)."""
@@ -351,20 +367,10 @@ def _weighted_laplacian(model, x, output, method, wrt, weights, matrix) -> torch
     index = tuple(range(d)) if wrt is None else _wrt_index(wrt, d)
     k = len(index)
     name, t = ("weights", weights) if weights is not None else ("matrix", matrix)
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"hessmlp: {name} must be a torch.Tensor, got {type(t).__name__}")
     one = (k,) if weights is not None else (k, k)
-    shapes = [one] + ([(xj.shape[0], *one)] if batched else [])
-    if tuple(t.shape) not in shapes:
-        what = "len(wrt)" if wrt is not None else "d"
-        raise ValueError(f"hessmlp: {name} must have shape {' or '.join(str(s) for s in shapes)} "
-                         f"({'one set per sample: ' if batched else ''}k = {what} = {k}), got "
-                         f"{tuple(t.shape)}")
-    if t.dtype != xj.dtype:
-        raise TypeError(f"hessmlp: {name} is {t.dtype} but x is {xj.dtype}; convert {name} with "
-                        f".to({xj.dtype})")
-    if t.device != xj.device:
-        raise ValueError(f"hessmlp: {name} is on {t.device} but x is on {xj.device}")
+    _check_operand(name, t, one, xj,
+                   f"{'one set per sample: ' if batched else ''}k = "
+                   f"{'len(wrt)' if wrt is not None else 'd'} = {k}")
     per_sample = t.dim() == len(one) + 1
     # Per-sample weights or matrices meet results (B, m, ...) or, with output=k, (B, ...).
     fit = (lambda v: v.unsqueeze(1)) if per_sample and output is None else (lambda v: v)  # noqa: E731
@@ -477,16 +483,7 @@ def hvp(model: nn.Module,  # hessmlp is not TorchScript: use torch.compile
         raise ValueError(f"hessmlp: method must be 'auto', 'forward' or 'reverse', got {method!r}")
     xj, _ = _inputs(x)
     d, batched = xj.shape[-1], xj.dim() == 2
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"hessmlp: v must be a torch.Tensor, got {type(v).__name__}")
-    shapes = [(d,)] + ([(xj.shape[0], d)] if batched else [])
-    if tuple(v.shape) not in shapes:
-        raise ValueError(f"hessmlp: v must have shape {' or '.join(str(s) for s in shapes)} (d = {d}"
-                         f"{', or one per sample' if batched else ''}), got {tuple(v.shape)}")
-    if v.dtype != xj.dtype:
-        raise TypeError(f"hessmlp: v is {v.dtype} but x is {xj.dtype}; convert v with .to({xj.dtype})")
-    if v.device != xj.device:
-        raise ValueError(f"hessmlp: v is on {v.device} but x is on {xj.device}")
+    _check_operand("v", v, (d,), xj, f"d = {d}{', or one per sample' if batched else ''}")
     parts = x if isinstance(x, (tuple, list)) else (x,)
     params = model.parameters() if isinstance(model, nn.Module) else ()
     needs_grad = torch.is_grad_enabled() and (

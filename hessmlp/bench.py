@@ -88,6 +88,35 @@ def interleaved(ours: Callable[[], object], theirs: Callable[[], object], rounds
     return med(t_ours), med(t_theirs), ratios
 
 
+def timed_row(case: str, baseline: str, B: int, ours: Callable[[], object],
+              theirs: Callable[[], object], rounds: int, min_run_time: float, say=print) -> tuple:
+    """One benchmark row, ours against a baseline over interleaved rounds: (case, baseline, B,
+    ours ms, baseline ms, ratio baseline / ours, lowest and highest round ratio); says it."""
+    t_ours, t_theirs, ratios = interleaved(ours, theirs, rounds, min_run_time)
+    row = (case, baseline, B, t_ours * 1e3, t_theirs * 1e3, t_theirs / t_ours, min(ratios), max(ratios))
+    say(f"{case} vs {baseline}, B={B}: hessmlp {row[3]:.2f} ms, baseline {row[4]:.2f} ms, ratio "
+        f"{row[5]:.2f} (rounds {row[6]:.2f}-{row[7]:.2f})")
+    return row
+
+
+ROW_HEADER = ("| case | baseline | B | hessmlp ms | baseline ms | ratio | rounds |\n"
+              "|---|---|---|---|---|---|---|")
+
+
+def row_markdown(row: tuple) -> str:
+    """A timed_row as a line of a markdown table under ROW_HEADER."""
+    return (f"| {row[0]} | {row[1]} | {row[2]} | {row[3]:.2f} | {row[4]:.2f} | {row[5]:.2f}x | "
+            f"{row[6]:.2f}-{row[7]:.2f} |")
+
+
+def write_rows(path: str, title: str, about: str, rows) -> None:
+    """A markdown file of timed rows: the title, the machine, what the rows are, the table."""
+    with open(path, "w") as f:
+        f.write(f"# {title}\n\n{platform.processor() or platform.machine()}, "
+                f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32. {about}\n\n")
+        f.write(ROW_HEADER + "\n" + "".join(row_markdown(r) + "\n" for r in rows))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=4096)
