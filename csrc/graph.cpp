@@ -245,11 +245,24 @@ int64_t widest(const GraphSpec& spec) {
   return n_max;
 }
 
+// W^T, contiguous, of every Linear node's weight (at its index in tensors; the others
+// undefined): made once per call, not once per block.
+std::vector<at::Tensor> transposed_weights(const GraphSpec& spec, at::TensorList tensors) {
+  std::vector<at::Tensor> wt(tensors.size());
+  for (const GraphNode& node : spec.nodes) {
+    if (node.kind == NodeKind::Linear && !wt[node.refs[0]].defined()) {
+      wt[node.refs[0]] = tensors[node.refs[0]].t().contiguous();
+    }
+  }
+  return wt;
+}
+
 // Every node's jets for the samples of x, [B, C, width] each, contiguous (B > 0), in buffers
 // of pool. keep_all: all of them (the backward's), else each goes back to the pool once its
-// last consumer has run (only the output is left).
+// last consumer has run (only the output is left). wt: transposed_weights.
 std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec, const at::Tensor& x,
-                                        const at::Tensor& seed, at::TensorList tensors, bool keep_all,
+                                        const at::Tensor& seed, at::TensorList tensors,
+                                        const std::vector<at::Tensor>& wt, bool keep_all,
                                         Pool& pool) {
   const Mode mode = spec.mode;
   const int64_t B = x.size(0), d = spec.k, C = spec.cols();  // (d: the directions)
@@ -276,9 +289,7 @@ std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec,
     at::Tensor out = pool.take({B, C, n});
     switch (node.kind) {
       case NodeKind::Linear: {
-        const at::Tensor& W = tensors[node.refs[0]];
-        at::Tensor rows = out.view({B * C, n});
-        at::mm_out(rows, in.view({B * C, in.size(2)}), W.t());
+        k.mm(out.view({B * C, n}), in.view({B * C, in.size(2)}), wt[node.refs[0]], false);
         if (node.refs[1] >= 0) out.select(1, 0).add_(tensors[node.refs[1]]);
         break;
       }
@@ -342,7 +353,8 @@ int64_t block_rows(const Kernels& k, const GraphSpec& spec, const at::Tensor& x)
 // tensors to grad_t (entries not needed are left alone) and writes those w.r.t. x into
 // grad_x when defined. gv, gj, gh: the gradients of the block's outputs (undefined: zero).
 void backward_block(const Kernels& k, const GraphSpec& spec, const at::Tensor& x,
-                    const at::Tensor& seed, at::TensorList tensors, const at::Tensor& gv,
+                    const at::Tensor& seed, at::TensorList tensors,
+                    const std::vector<at::Tensor>& wt, const at::Tensor& gv,
                     const at::Tensor& gj, const at::Tensor& gh, const std::vector<bool>& needs,
                     std::vector<at::Tensor>& grad_t, at::Tensor grad_x, at::Tensor& grad_seed,
                     Pool& pool) {
@@ -350,7 +362,7 @@ void backward_block(const Kernels& k, const GraphSpec& spec, const at::Tensor& x
   const int64_t B = x.size(0), d = spec.k, m = spec.m(), C = spec.cols();  // (d: the directions)
   const at::TensorOptions opt = x.options();
   auto need = [&](int64_t ref) { return ref >= 0 && needs[1 + ref]; };
-  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, seed, tensors, true, pool);
+  const std::vector<at::Tensor> cols = forward_columns(k, spec, x, seed, tensors, wt, true, pool);
   const int64_t n_nodes = static_cast<int64_t>(spec.nodes.size());
   // adj[i]: the adjoint of node i's jets [B, C, width], summed over its consumers; a buffer
   // of its own (the adjoints are changed in place), undefined while zero.
@@ -389,11 +401,10 @@ void backward_block(const Kernels& k, const GraphSpec& spec, const at::Tensor& x
       case NodeKind::Linear: {
         const at::Tensor& W = tensors[node.refs[0]];
         const at::Tensor g2 = g.view({B * C, n});
-        if (need(node.refs[0])) grad_t[node.refs[0]].addmm_(g2.t(), in.view({B * C, in.size(2)}));
+        if (need(node.refs[0])) k.mm(grad_t[node.refs[0]], g2.t(), in.view({B * C, in.size(2)}), true);
         if (need(node.refs[1])) grad_t[node.refs[1]].add_(g.select(1, 0).sum(0));
         at::Tensor back = pool.take({B, C, in.size(2)});
-        at::Tensor back_rows = back.view({B * C, in.size(2)});
-        at::mm_out(back_rows, g2, W);
+        k.mm(back.view({B * C, in.size(2)}), g2, W, false);
         send(h, back, true);
         break;
       }
@@ -499,11 +510,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_jet_run(
   // (A backend without blocks, CUDA, allocates each tensor at its size, from its caching
   // allocator: no pool.)
   const int64_t elems = k.rows_per_block ? rows * spec.cols() * widest(spec) : 0;
+  const std::vector<at::Tensor> wt = transposed_weights(spec, tensors);
   auto block = [&](int64_t b0, int64_t nb, Pool& pool) {
     pool.reset();
     const at::Tensor seed_b = seed.defined() && seed.dim() == 3 ? seed.narrow(0, b0, nb) : seed;
     const std::vector<at::Tensor> cols =
-        forward_columns(k, spec, x.narrow(0, b0, nb), seed_b, tensors, false, pool);
+        forward_columns(k, spec, x.narrow(0, b0, nb), seed_b, tensors, wt, false, pool);
     at::Tensor v = value.narrow(0, b0, nb), j = jac.narrow(0, b0, nb), h = hess.narrow(0, b0, nb);
     k.unpack(spec.mode, kd, cols.back(), v, j, h);
   };
@@ -581,13 +593,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> graph_jet_backward_r
   // (A backend without blocks, CUDA, allocates each tensor at its size, from its caching
   // allocator: no pool.)
   const int64_t elems = k.rows_per_block ? rows * spec.cols() * widest(spec) : 0;
+  const std::vector<at::Tensor> wt = transposed_weights(spec, tensors);
   // One block: its seed rows (a per-sample seed) or the shared seed, and where its seed
   // gradient goes (a per-sample seed's rows, or the task's sum).
   auto run_block = [&](int64_t b0, int64_t nb, std::vector<at::Tensor>& sums, Pool& pool) {
     pool.reset();
     at::Tensor g_seed = !need_seed ? at::Tensor() : shared_seed ? sums.back() : grad_seed.narrow(0, b0, nb);
     std::vector<at::Tensor> g_t(sums.begin(), sums.end() - 1);
-    backward_block(k, spec, x.narrow(0, b0, nb), rows_of(seed, b0, nb), tensors, batch_rows(gv, b0, nb),
+    backward_block(k, spec, x.narrow(0, b0, nb), rows_of(seed, b0, nb), tensors, wt, batch_rows(gv, b0, nb),
                    batch_rows(gj, b0, nb), batch_rows(gh, b0, nb), needs, g_t,
                    needs[0] ? grad_x.narrow(0, b0, nb) : at::Tensor(), g_seed, pool);
   };

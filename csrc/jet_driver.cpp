@@ -10,7 +10,24 @@
 #include <utility>
 
 namespace hessmlp {
+
+void aten_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  at::Tensor o = out;
+  if (accumulate) {
+    o.addmm_(a, b);
+  } else {
+    at::mm_out(o, a, b);
+  }
+}
+
 namespace {
+
+// a @ b into a new tensor, by the backend's mm.
+at::Tensor mm_new(const Kernels& k, const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  k.mm(out, a, b, false);
+  return out;
+}
 
 // Up to this d, reverse-Gram's weighted Gram is a fused kernel over one
 // triangle; above it, batched GEMMs.
@@ -108,7 +125,7 @@ ForwardPass forward_blocked(const Kernels& k, const Net& net, Mode mode, const a
     }
   }
   std::vector<at::Tensor> wt;  // W_l^T
-  for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t());
+  for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t().contiguous());
   const int64_t blocks = (B + rows - 1) / rows;
   parallel_blocks(blocks, [&](int64_t c0, int64_t c1) {
     // Work space reused by every block and layer of this task.
@@ -138,10 +155,9 @@ ForwardPass forward_blocked(const Kernels& k, const Net& net, Mode mode, const a
         const int64_t n = spec.widths[l];
         at::Tensor st = keep_state ? fp.state[l].narrow(0, b0, nb) : st_v[l];
         if (l == 0) {
-          at::mm_out(st, x.narrow(0, b0, nb), wt[0]);
+          k.mm(st, x.narrow(0, b0, nb), wt[0], false);
         } else {
-          at::Tensor st2 = st.view({nb * C, n});
-          at::mm_out(st2, out_rows[l - 1], wt[l]);
+          k.mm(st.view({nb * C, n}), out_rows[l - 1], wt[l], false);
         }
         at::Tensor out = l == L - 1 ? fp.out.narrow(0, b0, nb) : out_v[l];
         stage_forward_into(k, net, mode, l, st, out);
@@ -167,8 +183,8 @@ ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::
     const int64_t n = spec.widths[l];
     // Layer 0: z_0 = x W_0^T (the bias is added in the stage), T_0 = W_0, S_0 = 0.
     const at::Tensor state =
-        l == 0 ? at::mm(x, net.weights[0].t())
-               : at::mm(act.view({B * act.size(1), spec.widths[l - 1]}), net.weights[l].t())
+        l == 0 ? mm_new(k, x, net.weights[0].t())
+               : mm_new(k, act.view({B * act.size(1), spec.widths[l - 1]}), net.weights[l].t())
                      .view({B, act.size(1), n});
     if (keep == Keep::Gram) {  // (reverse-Gram's layout: Net::value_only_stage)
       const at::Tensor s1 = at::empty({B, n}, x.options()), s2 = at::empty({B, n}, x.options());
@@ -256,7 +272,7 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
   const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
   const at::TensorOptions opt = x.options();
   std::vector<at::Tensor> wt;  // W_l^T
-  for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t());
+  for (int64_t l = 0; l < L; ++l) wt.push_back(net.weights[l].t().contiguous());
   const bool top = net.jac_from_backward();  // (and the last stage gives the value alone)
   const int64_t blocks = (B + rows - 1) / rows;
   packed.zero_();  // (the Gram kernel adds to it)
@@ -309,10 +325,10 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
       at::Tensor val = value.narrow(0, b0, nb), jb = jac.narrow(0, b0, nb);
       for (int64_t l = 0; l < L; ++l) {
         if (l == 0) {
-          at::mm_out(v.z2[0], x.narrow(0, b0, nb), wt[0]);
+          k.mm(v.z2[0], x.narrow(0, b0, nb), wt[0], false);
         } else {
-          at::mm_out(v.z2[l], v.out[l - 1].view({nb * net.out_cols(l - 1), spec.widths[l - 1]}),
-                     wt[l]);
+          k.mm(v.z2[l], v.out[l - 1].view({nb * net.out_cols(l - 1), spec.widths[l - 1]}),
+               wt[l], false);
         }
         // (With the value alone at the top, the last stage writes it into value itself.)
         at::Tensor out = top && l == L - 1 ? val.view({nb, 1, m}) : v.out[l];
@@ -336,11 +352,10 @@ void reverse_gram_blocked(const Kernels& k, const Net& net, const at::Tensor& x,
           if (l == L - 1) v.g[l].copy_(v.eye);  // dy_k/da_{L-1}: the identity
           k.gram(spec.mode, v.g[l], v.d1[l], v.d2[l], v.t[l], p);
         }
-        if (l > 0) at::mm_out(v.g2[l - 1], v.g2[l], net.weights[l]);
+        if (l > 0) k.mm(v.g2[l - 1], v.g2[l], net.weights[l], false);
       }
       if (top) {  // dy/dx = dy/dz_0 W_0
-        at::Tensor jb2 = jb.view({nb * m, d});
-        at::mm_out(jb2, v.g2[0], net.weights[0]);
+        k.mm(jb.view({nb * m, d}), v.g2[0], net.weights[0], false);
       }
     }
   });
@@ -382,11 +397,10 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
       terms.emplace_back(l == 0 ? net.w0t : fp.jac[l], (g * fp.s2[l].unsqueeze(1)).contiguous());
     }
     g.mul_(fp.s1[l].unsqueeze(1));
-    if (l > 0) g = at::mm(g.view({B * m, n}), net.weights[l]).view({B, m, spec.widths[l - 1]});
+    if (l > 0) g = mm_new(k, g.view({B * m, n}), net.weights[l]).view({B, m, spec.widths[l - 1]});
   }
   if (top) {  // dy/dx = dy/dz_0 W_0
-    at::Tensor jac2 = jac.view({B * m, d});
-    at::mm_out(jac2, g.view({B * m, spec.widths[0]}), net.weights[0]);
+    k.mm(jac.view({B * m, d}), g.view({B * m, spec.widths[0]}), net.weights[0], false);
   }
   gram_blocks(terms, hess);
   mirror_blocks(hess);
@@ -422,18 +436,17 @@ void backward_sweep(const Kernels& k, const Net& net, const at::Tensor& x,
         // This Linear's input: the previous stage applied to the previous state.
         const at::Tensor act =
             stage_forward(k, net, spec.mode, l - 1, rows(state[l - 1]), &cache);
-        gw[l].addmm_(g2.t(), act.view({nb * C, n_prev}));
+        k.mm(gw[l], g2.t(), act.view({nb * C, n_prev}), true);
       }
-      g = at::mm(g2, net.weights[l]).view({nb, C, n_prev});
+      g = mm_new(k, g2, net.weights[l]).view({nb, C, n_prev});
     } else {
       // z_0 = x W_0^T and T_0 = W_0 (S_0 = 0): the x term and the sum of T_bar over the batch.
       if (need_w) {
-        gw[0].addmm_(zbar.t(), rows(x));
+        k.mm(gw[0], zbar.t(), rows(x), true);
         gw[0].add_(g.narrow(1, 1, d).sum(0).t());
       }
       if (need_x) {
-        at::Tensor gx = grad_x.narrow(0, b0, nb);
-        at::mm_out(gx, zbar, net.weights[0]);
+        k.mm(grad_x.narrow(0, b0, nb), zbar, net.weights[0], false);
       }
     }
   }

@@ -108,10 +108,16 @@ struct Kernels {
   // one tensor), given g, the adjoint of the product's.
   void (*product_adjoint)(Mode mode, int64_t d, const at::Tensor& p, const at::Tensor& q,
                           const at::Tensor& g, at::Tensor& gp, at::Tensor& gq);
+  // out [M, N] = a [M, K] @ b [K, N] (+= when accumulate): the products with the weight
+  // matrices. a and b may be transposed views; out's rows are contiguous.
+  void (*mm)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
   // Samples per block when the forward jet should go block by block through all the
   // layers (bytes_per_row: one sample's columns at the widest layer); null: whole batch.
   int64_t (*rows_per_block)(int64_t bytes_per_row);
 };
+
+// The products through ATen (cuBLAS on CUDA): a backend's mm unless it has its own.
+void aten_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 // The op entries: checks, a device guard, then the algorithm with k's passes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_run(
@@ -167,7 +173,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
   inline const Kernels& kernels() {                                                            \
     static const Kernels k{&stage_forward, &stage_adjoint, &unpack,  &pack_adjoint,            \
                            &gram,          &unpack_packed, &product, &product_adjoint,         \
-                           HESSMLP_ROWS_PER_BLOCK};                                            \
+                           HESSMLP_MM,     HESSMLP_ROWS_PER_BLOCK};                                            \
     return k;                                                                                  \
   }
 

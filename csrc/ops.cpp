@@ -84,4 +84,18 @@ HESSMLP_TORCH_LIBRARY(HESSMLP_LIBRARY, m) {
   // exactly as the jet kernels evaluate them (for tests of the shared math).
   //   z [*], act_codes [k], act_params [2k]  ->  [4, *]: s, s1, s2, s3
   m.def("stage_derivs(Tensor z, int[] act_codes, float[] act_params) -> Tensor");
+
+  // The CPU's own matrix product (csrc/cpu/gemm.h), for tests and benchmarks: a [M, K] @ b
+  // [K, N] (+ c [M, N] when given) with the kernels of one instruction set: 'avx512',
+  // 'avx2', 'aten' (at::mm), or '' (the one the ops use). An ISA the CPU lacks is refused.
+  m.def("_cpu_mm(Tensor a, Tensor b, Tensor? c, str isa) -> Tensor");
+
+  // The CPU's instruction sets for the products: [the one the ops use, then every one the
+  // CPU supports]; like: any CPU tensor.
+  m.def("_cpu_isa(Tensor like) -> str[]");
+
+  // The machine's FMA rate, measured: independent chains of fused multiply-adds on the
+  // widest vectors of the ops' ISA, in like's dtype, on every thread torch uses, each
+  // running `iterations` steps. Returns float64 [seconds, floating-point operations].
+  m.def("_fma_peak(Tensor like, int iterations) -> Tensor");
 }

@@ -18,9 +18,14 @@ inline int64_t rows_per_block(int64_t bytes_per_row) {
   return std::max<int64_t>(8, kBlockBytes / std::max<int64_t>(1, bytes_per_row));
 }
 
+// The products with the weight matrices: hessmlp's own kernels (gemm.h).
+void mm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
 #define HESSMLP_ROWS_PER_BLOCK &rows_per_block
+#define HESSMLP_MM &mm_into
 HESSMLP_DECLARE_KERNELS()
 #undef HESSMLP_ROWS_PER_BLOCK
+#undef HESSMLP_MM
 
 // [4, B, n]: s, s1, s2, s3 of the stage at every neuron of the batch. The
 // transcendental functions run as vectorised ATen ops over the whole layer, the

@@ -62,8 +62,10 @@ inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); 
 
 // The GPU takes the whole batch at once.
 #define HESSMLP_ROWS_PER_BLOCK nullptr
+#define HESSMLP_MM &aten_mm
 HESSMLP_DECLARE_KERNELS()
 #undef HESSMLP_ROWS_PER_BLOCK
+#undef HESSMLP_MM
 
 constexpr int kThreads = 256;
 
