@@ -156,6 +156,10 @@ def gemm_floor_fn(B, d, widths, mode, method, dtype, train=False):
         for a, w in bmats:
             torch.matmul(a, w)
 
+    # The floating-point operations of those products: the call's own FLOPs, for its rate.
+    run.flops = sum(2 * a * k * n for a, k, n in shapes) + sum(
+        2 * a.shape[-2] * a.shape[-1] * w.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+        for a, w in bmats)
     return run
 
 

@@ -16,7 +16,45 @@ from torch.utils import benchmark
 
 import hessmlp
 
-__all__ = ["baselines", "median_seconds", "interleaved", "relative_error", "main"]
+__all__ = ["baselines", "median_seconds", "interleaved", "relative_error", "fma_peak", "cpu_description",
+           "main"]
+
+
+def fma_peak(seconds: float = 0.25, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's floating-point rate in FLOP/s, measured: independent chains of fused
+    multiply-adds on the widest vectors of the instruction set hessmlp's CPU products use
+    (hessmlp._cpu_isa), one chain set per thread torch uses, for about ``seconds``. The best of
+    three runs. 0.0 where there are no AVX2 / AVX-512 kernels (not x86-64)."""
+    like = torch.empty(0, dtype=dtype)
+    try:
+        secs, flops = torch.ops.hessmlp._fma_peak(like, 100_000).tolist()
+    except RuntimeError:
+        return 0.0
+    iters = max(100_000, int(100_000 * seconds / max(secs, 1e-9)))
+    best = 0.0
+    for _ in range(3):
+        secs, flops = torch.ops.hessmlp._fma_peak(like, iters).tolist()
+        best = max(best, flops / secs)
+    return best
+
+
+def cpu_description() -> str:
+    """The CPU's vendor, model name, family and model numbers (from /proc/cpuinfo where there
+    is one), and the instruction set of hessmlp's CPU products."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if ":" in line:
+                    k, v = (s.strip() for s in line.split(":", 1))
+                    info.setdefault(k, v)
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    vendor = info.get("vendor_id", "")
+    fam = f"family {info['cpu family']} model {info['model']}" if "cpu family" in info else ""
+    isa = torch.ops.hessmlp._cpu_isa(torch.empty(0))[0]
+    return ", ".join(p for p in (vendor, name, fam, f"hessmlp products: {isa}") if p)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
