@@ -18,9 +18,9 @@ matrices (docs/design.md §5), timed here too. Writes benchmarks/results/cpu.md 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -183,6 +183,53 @@ def train_step_fns(model, x, f):
     return ours, func
 
 
+def percall_rows(run_time, B=8):
+    """Markdown rows: a small PINN's Laplacian and Laplacian-loss training step against its
+    plain forward and forward + backward (an MSE loss), at a batch where fixed per-call costs
+    dominate; the target is at most 2x. Checked against torch.func first."""
+    torch.manual_seed(0)
+    model = hessmlp.MLP(2, [32] * 3, 1)
+    x = torch.rand(B, 2) * 2 - 1
+    f = torch.sin(3 * x).sum(1, keepdim=True)
+    m64 = copy.deepcopy(model).double()
+    H = func_hessian(m64, x.double())
+    check("per-call Laplacian", hessmlp.laplacian(m64, x.double()),
+          H.diagonal(dim1=-2, dim2=-1).sum(-1), 1e-9)
+    params = list(model.parameters())[:-1]  # (the Laplacian does not depend on the output bias)
+
+    def lap():
+        return hessmlp.laplacian(model, x)
+
+    def fwd():
+        return model(x)
+
+    def lap_ng():
+        with torch.no_grad():
+            return hessmlp.laplacian(model, x)
+
+    def fwd_ng():
+        with torch.no_grad():
+            return model(x)
+
+    def step():
+        return torch.autograd.grad(((hessmlp.laplacian(model, x) - f) ** 2).mean(), params)
+
+    def fwd_bwd():
+        return torch.autograd.grad(((model(x) - f) ** 2).mean(), params)
+
+    out = []
+    for name, ours, bname, base in (
+            ("Laplacian (parameters require grad)", lap, "forward", fwd),
+            ("Laplacian under no_grad", lap_ng, "forward under no_grad", fwd_ng),
+            ("training step: Laplacian loss + gradients", step, "forward + backward (MSE loss)",
+             fwd_bwd)):
+        t_o, t_b = interleaved_rounds([ours, base], 3 * run_time, rounds=9)
+        ratio = _median([o / b for o, b in zip(t_o, t_b)])
+        out.append(f"| {name} | {_median(t_o) * 1e3:.3f} | {bname} | {_median(t_b) * 1e3:.3f} | "
+                   f"{ratio:.2f} | <= 2 {'met' if ratio <= 2 else 'missed'} |")
+    return out
+
+
 def peak_memory(d, widths, m, B, mode):
     """Peak resident memory of one no-grad call in a fresh process, over what it must hold."""
     code = textwrap.dedent(f"""
@@ -227,26 +274,20 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     say("# hessmlp CPU benchmark suite")
     say()
-    say(f"{datetime.date.today()}, {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"hessmlp {hessmlp.__version__}, float32 timings{' (--quick)' if args.quick else ''}. "
-        "Ratios: baseline time / hessmlp time.")
+    peak = bench.fma_peak()
+    say(f"{datetime.date.today()}, {bench.cpu_description()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, hessmlp {hessmlp.__version__}, float32 timings"
+        f"{' (--quick)' if args.quick else ''}. Ratios: baseline time / hessmlp time.")
     say()
 
     # ---- targets (issue 5)
     say("## Targets")
     say()
-    say("| case | hessmlp ms | baseline | baseline ms | ratio | target | GEMM floor ms | time / floor | target |")
-    say("|---|---|---|---|---|---|---|---|---|")
+    say("| case | hessmlp ms | baseline | baseline ms | ratio | target | GEMM floor ms | time / floor | target "
+        "| GFLOP/s | / peak | target |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
     d, widths, B = 3, [128] * 4, 4096 // q
     ws = widths + [1]
     m32, m64 = make(d, widths, 1), make(d, widths, 1, dtype=F64)
@@ -257,19 +298,20 @@ def main():
     rt3 = 3 * rt
     rows = []
     method = _cost.choose_method(d, ws, "full")
-    res = side_by_side(lambda: hessmlp.hessian(m32, x), lambda: func_hessian(m32, x),
-                       gemm_floor_fn(B, d, ws, "full", method, F32), rt3)
+    floor = gemm_floor_fn(B, d, ws, "full", method, F32)
+    res = side_by_side(lambda: hessmlp.hessian(m32, x), lambda: func_hessian(m32, x), floor, rt3)
     t_func_h = res[1]
     rows.append((f"PINN full Hessian (d=3, 4x128 tanh, B={B}, {method})", "vmap(func.hessian)", 3.5,
-                 1.3) + res)
+                 1.3) + res + (floor.flops, 0.6))
     for mode, name in (("trace", "Laplacian"), ("diag", "Hessian diagonal")):
         fn = (lambda: hessmlp.laplacian(m32, x)) if mode == "trace" else (lambda: hessmlp.hessian_diag(m32, x))
         post = ((lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1)) if mode == "trace"
                 else (lambda H: H.diagonal(dim1=-2, dim2=-1)))
         meth = _cost.choose_method(d, ws, mode)
-        res = side_by_side(fn, lambda: post(func_hessian(m32, x)),
-                           gemm_floor_fn(B, d, ws, mode, meth, F32), rt3)
-        rows.append((f"PINN {name} ({meth})", "func.hessian then " + mode, 4.0, None) + res)
+        floor = gemm_floor_fn(B, d, ws, mode, meth, F32)
+        res = side_by_side(fn, lambda: post(func_hessian(m32, x)), floor, rt3)
+        rows.append((f"PINN {name} ({meth})", "func.hessian then " + mode, 4.0, None) + res
+                    + (floor.flops, 0.6))
     mt = make(d, widths, 1)
     for p_ in mt.parameters():
         p_.requires_grad_(True)
@@ -277,8 +319,10 @@ def main():
     ours, func = train_step_fns(mt, x, f)
     for a, b in zip(ours(), func()):
         assert rel_err(a, b) < 2e-3, "training-step gradients disagree with torch.func"
-    res = side_by_side(ours, func, gemm_floor_fn(B, d, ws, "trace", "forward", F32, train=True), rt3)
-    rows.append(("PINN training step (Laplacian loss + backward)", "torch.func route", 5.0, None) + res)
+    floor = gemm_floor_fn(B, d, ws, "trace", "forward", F32, train=True)
+    res = side_by_side(ours, func, floor, rt3)
+    rows.append(("PINN training step (Laplacian loss + backward)", "torch.func route", 5.0, None) + res
+                + (floor.flops, 0.5))
     # the forum's case
     fd, fw, fm, fB = 784, [512, 512], 10, 16
     f32, f64_ = make(fd, fw, fm), make(fd, fw, fm, dtype=F64)
@@ -287,22 +331,41 @@ def main():
         Href = func_hessian(f64_, fx[:2].double(), output)
         check("forum float64", hessmlp.hessian(f64_, fx[:2].double(), output=output), Href, 1e-9)
         meth = _cost.choose_method(fd, fw + [fm if output is None else 1], "full")
+        floor = gemm_floor_fn(fB, fd, fw + [fm if output is None else 1], "full", meth, F32)
         res = side_by_side(lambda: hessmlp.hessian(f32, fx, output=output),
-                           lambda: func_hessian(f32, fx, output),
-                           gemm_floor_fn(fB, fd, fw + [fm if output is None else 1], "full", meth, F32),
-                           rt3)
+                           lambda: func_hessian(f32, fx, output), floor, rt3)
         label = "all 10 outputs" if output is None else "class 2"
         rows.append((f"forum 784-512-512-10, B=16, {label} ({meth})", "vmap(func.hessian)", None,
-                     1.5) + res)
-    for name, bname, target, ftarget, t, tb, floor, ratio, fratio in rows:
+                     1.5) + res + (floor.flops, None))
+    peak = max(peak, bench.fma_peak())  # (the probe before and after the targets: the best)
+    for name, bname, target, ftarget, t, tb, floor, ratio, fratio, flops, ptarget in rows:
         ok = "" if target is None else ("met" if ratio >= target else "missed")
         fok = "" if ftarget is None else ("met" if fratio <= ftarget else "missed")
+        frac = flops / t / peak if peak else float("nan")
+        pok = "" if ptarget is None else ("met" if frac >= ptarget else "missed")
         say(f"| {name} | {t * 1e3:.2f} | {bname} | {tb * 1e3:.2f} | {ratio:.2f}x | "
             f"{'' if target is None else f'>= {target}x '}{ok} | {floor * 1e3:.2f} | {fratio:.2f} | "
-            f"{'' if ftarget is None else f'<= {ftarget} '}{fok} |")
+            f"{'' if ftarget is None else f'<= {ftarget} '}{fok} | {flops / t / 1e9:.0f} | {frac:.2f} | "
+            f"{'' if ptarget is None else f'>= {ptarget} '}{pok} |")
     say()
     say("Times: medians over 9 interleaved rounds. Ratios: medians over the rounds of the ratio "
-        "within each round (the call, its baseline and its floor timed back to back).")
+        "within each round (the call, its baseline and its floor timed back to back). GFLOP/s: "
+        "the call's own floating-point operations (those of its products with the weight "
+        f"matrices, as its GEMM floor counts them) over its time; peak: {peak / 1e9:.0f} GFLOP/s, "
+        "this machine's fp32 FMA rate measured in this run by hessmlp's probe (independent FMA "
+        "chains on the widest vectors, one per thread; hessmlp.bench.fma_peak), the best of "
+        "the probes before and after the table.")
+    say()
+
+    # ---- per-call overhead (issue 15)
+    say("## Per-call overhead: a small PINN (d=2, 3x32 tanh, m=1, B=8)")
+    say()
+    say("| call | ms | baseline | baseline ms | call / baseline | target |")
+    say("|---|---|---|---|---|---|")
+    for r in percall_rows(rt):
+        say(r)
+    say()
+    say("Medians over 9 interleaved rounds; the ratio is the median of the ratios within a round.")
     say()
     if args.targets_only:
         return
@@ -322,6 +385,24 @@ def main():
     say(bench.ROW_HEADER)
     for r in graph_rows(1024 // q, 5, rt, say=lambda s: print(s, flush=True)):
         say(bench.row_markdown(r))
+    say()
+
+    # ---- peers (issue 15)
+    from bench_peers import PEER_HEADER, peer_markdown, peer_rows
+
+    say("## Peers: hessmlp against every other exact route")
+    say()
+    say("Each peer's result is checked against hessmlp's first (float32, 1e-3); times in "
+        "interleaved rounds; the ratio is peer time / hessmlp time (above 1: hessmlp faster). "
+        "Peers are optional extras (pip install .[peers]); one not installed is noted, not timed.")
+    say()
+    say(PEER_HEADER)
+    prows, notes = peer_rows(args.quick, run_time=rt * 2, say=lambda s: print(s, flush=True))
+    for r in prows:
+        say(peer_markdown(r))
+    say()
+    for n in notes:
+        say(f"- {n}")
     say()
 
     # ---- operators (issue 14)

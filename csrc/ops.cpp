@@ -7,10 +7,13 @@
 #include <torch/library.h>
 
 #if !defined(HESSMLP_EMULATE_CUDA)
+PyMethodDef* hessmlp_python_methods();  // csrc/fingerprint.cpp
+
 extern "C" {
 // `import hessmlp._C` loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          hessmlp_python_methods()};
   return PyModule_Create(&module_def);
 }
 }

@@ -484,14 +484,31 @@ class _Plan:
     """A graph network's structure for one model, records and input width (kept while they
     are the same): its nodes, how to read each of its tensors, their shapes, and whether it
     is a chain (its ChainLayout, or None). Each call reads the tensors again and checks their
-    shapes."""
-    __slots__ = ("records", "d", "nodes", "specs", "shapes", "dtypes", "chain")
+    shapes, but for the parameters and buffers read by their path alone (fixed: the object
+    itself, which the records' fingerprint holds by identity)."""
+    __slots__ = ("records", "d", "nodes", "specs", "shapes", "dtypes", "chain", "fixed")
 
-    def __init__(self, records, d, graph, specs):
+    def __init__(self, model, records, d, graph, specs):
         self.records, self.d = records, d
         self.nodes, self.specs, self.dtypes = graph.nodes, specs, graph.dtypes
         self.shapes = [t.shape for t in graph.tensors]
         self.chain = chain_layout(graph.nodes)
+        self.fixed = [t if resolver is _tensor and isinstance(spec, str) and _registered(model, spec, t)
+                      else None for t, (resolver, spec) in zip(graph.tensors, specs)]
+
+
+def _registered(model: nn.Module, path: str, t) -> bool:
+    """Whether path names a parameter or buffer registered on its module (so that the
+    fingerprint holds it by identity), and t is it."""
+    owner, _, name = path.rpartition(".")
+    try:
+        mod = _get(model, owner) if owner else model
+    except AttributeError:
+        return False
+    if not isinstance(mod, nn.Module):
+        return False
+    d = mod.__dict__
+    return d["_parameters"].get(name) is t or d["_buffers"].get(name) is t
 
 
 # Per model (weakly): its plans, by input width and input widths.
@@ -500,20 +517,34 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 
 def planned_graph(model: nn.Module, d: int, input_widths, records):
     """(graph_of(model, d, input_widths, records), its chain_layout or None), from the model's
-    plan for these records when it has one (eager only): the tensors read again, their
-    shapes compared with the plan's (a tensor of another shape builds the graph again, with
-    its checks)."""
-    plans = _PLANS.setdefault(model, {})
+    plan for these records when it has one (eager only): the tensors read again (but the
+    fixed ones), their shapes compared with the plan's (a tensor of another shape builds the
+    graph again, with its checks)."""
+    plans = _PLANS.get(model)
+    if plans is None:
+        plans = _PLANS.setdefault(model, {})
     key = (d, input_widths)
     plan = plans.get(key)
     if plan is not None and plan.records is records:
-        tensors = [resolver(model, spec) for resolver, spec in plan.specs]
+        tensors = [resolver(model, spec) if f is None else f
+                   for f, (resolver, spec) in zip(plan.fixed, plan.specs)]
         if all(t.shape == s for t, s in zip(tensors, plan.shapes)):
             return Graph(plan.nodes, tensors, plan.dtypes), plan.chain
     graph, specs = _build(model, d, records)
-    plan = _Plan(records, d, graph, specs)
+    plan = _Plan(model, records, d, graph, specs)
     plans[key] = plan
     return graph, plan.chain
+
+
+def fixed_tensors(model: nn.Module, d: int, input_widths, records):
+    """The tensors of the model's plan for these records (planned_graph's) when every one is
+    a registered parameter or buffer read by its path (held by identity by the records'
+    fingerprint), else None."""
+    plans = _PLANS.get(model)
+    plan = None if plans is None else plans.get((d, input_widths))
+    if plan is None or plan.records is not records or any(f is None for f in plan.fixed):
+        return None
+    return list(plan.fixed)
 
 
 def structure(model: nn.Module, input_widths=None):

@@ -143,6 +143,17 @@ def _mlp_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian, grad_state):
     no_upstream = grad_value is None and grad_jacobian is None and grad_hessian is None
     if no_upstream or not (need_x or any(need_w) or any(need_b)):
         return (None, _shaped(needs[1], [None] * L), _shaped(needs[2], [None] * L)) + rest
+    gx, gw, gb = _mlp_jet_grads(grad_value, grad_jacobian, grad_hessian, x, weights, biases,
+                                stage_sizes, act_codes, act_params, mode, state, need_x,
+                                need_w, need_b)
+    return (gx, _shaped(needs[1], gw), _shaped(needs[2], gb)) + rest
+
+
+def _mlp_jet_grads(grad_value, grad_jacobian, grad_hessian, x, weights, biases, stage_sizes,
+                   act_codes, act_params, mode, state, need_x, need_w, need_b):
+    """mlp_jet's gradients w.r.t. x, each weight and each bias (None where not needed) by the
+    op mlp_jet_backward, in chunks of samples where the whole batch's working memory would
+    not fit."""
     mask = [need_x, any(need_w), any(need_b)]
     B, d = x.shape
     rows = _memory.backward_rows(B, d, [w.shape[0] for w in weights], mode, x, not state)
@@ -164,9 +175,77 @@ def _mlp_jet_backward(ctx, grad_value, grad_jacobian, grad_hessian, grad_state):
             gw = cw if gw is None else [a + b for a, b in zip(gw, cw)]
             gb = cb if gb is None else [a + b for a, b in zip(gb, cb)]
         gx = torch.cat(gx) if need_x else gx[0]
-    return ((gx if need_x else None),
-            _shaped(needs[1], [g if n else None for g, n in zip(gw, need_w)]),
-            _shaped(needs[2], [g if n else None for g, n in zip(gb, need_b)])) + rest
+    return ((gx if need_x else None), [g if n else None for g, n in zip(gw, need_w)],
+            [g if n else None for g, n in zip(gb, need_b)])
+
+
+class _MlpJet(torch.autograd.Function):
+    """mlp_jet for eager calls that gradients flow through: the forward and backward of the
+    op's registered autograd (the state saved, mlp_jet_backward), without torch.library's
+    handling of every call's arguments, which costs more than the op itself on small
+    networks. Arguments: x, L, which biases there are, the op's other arguments, then the
+    weights and the biases there are. (torch.compile traces the op and its registered
+    autograd instead.)"""
+
+    @staticmethod
+    def forward(ctx, x, L, has_bias, args, *tensors):
+        weights = list(tensors[:L])
+        it = iter(tensors[L:])
+        biases = [next(it) if h else None for h in has_bias]
+        with torch._C._AutoDispatchBelowAutograd():
+            value, jac, hess, state = torch.ops.hessmlp.mlp_jet.default(x, weights, biases, *args)
+        ctx.mark_non_differentiable(*state)
+        ctx.set_materialize_grads(False)
+        ctx.L, ctx.has_bias, ctx.args = L, has_bias, args
+        ctx.save_for_backward(x, *tensors, *state)
+        return (value, jac, hess, *state)
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_jacobian, grad_hessian, *grad_state):
+        L, has_bias = ctx.L, ctx.has_bias
+        stage_sizes, act_codes, act_params, mode = ctx.args[:4]
+        saved = ctx.saved_tensors
+        nb = sum(has_bias)
+        x, weights = saved[0], list(saved[1:1 + L])
+        it = iter(saved[1 + L:1 + L + nb])
+        biases = [next(it) if h else None for h in has_bias]
+        state = list(saved[1 + L + nb:])
+        needs = ctx.needs_input_grad  # (x, L, has_bias, args, *weights, *biases)
+        need_w = [bool(n) for n in needs[4:4 + L]]
+        it = iter(needs[4 + L:])
+        need_b = [bool(next(it)) if h else False for h in has_bias]
+        none = (None,) * (L + nb)
+        if (grad_value is None and grad_jacobian is None and grad_hessian is None) or not (
+                needs[0] or any(need_w) or any(need_b)):
+            return (None, None, None, None) + none
+        gx, gw, gb = _mlp_jet_grads(grad_value, grad_jacobian, grad_hessian, x, weights, biases,
+                                    stage_sizes, act_codes, act_params, mode, state,
+                                    bool(needs[0]), need_w, need_b)
+        return (gx, None, None, None, *gw, *[g for g, h in zip(gb, has_bias) if h])
+
+
+def mlp_jet(x, weights, biases, stage_sizes, act_codes, act_params, mode, method, save_state):
+    """torch.ops.hessmlp.mlp_jet (value, jacobian, hessian, state), by the cheapest route to
+    the same results: under torch.compile (or a torch.func transform) the op itself; eager,
+    the op's CPU or CUDA kernel directly when no gradient flows, else _MlpJet."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return torch.ops.hessmlp.mlp_jet(x, weights, biases, stage_sizes, act_codes, act_params,
+                                         mode, method, save_state)
+    args = (stage_sizes, act_codes, act_params, mode, method, save_state)
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights) or any(
+            b is not None and b.requires_grad for b in biases)):
+        if any(b is None for b in biases) and any(b is not None and b.requires_grad for b in biases):
+            # (as _mlp_jet_setup_context)
+            raise ValueError(
+                "hessmlp: mlp_jet cannot differentiate w.r.t. biases given as a list that mixes "
+                "None and tensors; pass zeros for the missing biases (hessmlp.jet and friends do "
+                "this)")
+        has_bias = tuple(b is not None for b in biases)
+        out = _MlpJet.apply(x, len(weights), has_bias, args, *weights,
+                            *[b for b in biases if b is not None])
+        return out[0], out[1], out[2], list(out[3:])
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.hessmlp.mlp_jet.default(x, weights, biases, *args)
 
 
 def _refuse_double_backward(ctx, *grads):

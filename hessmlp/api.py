@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import _memory, _ops  # noqa: F401  (_ops registers the fake kernels)
+from . import _cost, _memory, _ops  # (_ops also registers the fake kernels and autograd)
 from ._memory import memory_budget, set_memory_budget
 from ._graph import chain_layout, chain_network
 from ._spec import Network, UnsupportedModelError, unwrap
@@ -277,6 +278,77 @@ def _select_wrt(jet: Jet, index, mode: str) -> Jet:
     return Jet(jet.value, jet.jacobian.index_select(-1, idx), hess)
 
 
+# Per model (weakly): the plans of its eager chain calls, by call signature.
+_CALLS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# A call plan keeps its (method, rows) per batch size when the call's working memory is at
+# most this (a larger call plans again each time, with the free memory of that moment).
+_KEEP_PLAN_BYTES = 64 << 20
+
+
+class _ChainCall:
+    """An eager chain call's plan, kept per model and call signature (x's width and the
+    forward's input widths, mode, output, method, dtype, device) while the model's records
+    are the same (the fingerprint holds the model's parameters and buffers by identity) and
+    its tensors are those parameters and buffers themselves: the op's arguments but x, read
+    once, and (method, rows) per batch size, gradient flag and memory budget. Each call
+    checks the tensors' shapes, dtypes and devices (.data and .to() change them in place)."""
+    __slots__ = ("records", "tensors", "shapes", "weights", "biases", "args", "mode", "output",
+                 "method", "widths", "plans")
+
+    def __init__(self, records, tensors, layout, mode, output, method):
+        self.records, self.tensors = records, tensors
+        self.shapes = [t.shape for t in tensors]
+        net = chain_network(layout, tensors)
+        self.weights, self.biases = net.weights, net.biases
+        self.args = (net.stage_sizes, net.act_codes, net.act_params, mode)
+        self.mode, self.output, self.method = mode, output, method
+        self.widths = [W.shape[0] for W in net.weights]
+        if output is not None:
+            _output_index(output, self.widths[-1])
+            self.widths[-1] = 1
+        self.plans = {}
+
+    def current(self, records, x: torch.Tensor) -> bool:
+        if records is not self.records:
+            return False
+        dtype, device = x.dtype, x.device
+        return all(t.shape == s and t.dtype == dtype and t.device == device
+                   for t, s in zip(self.tensors, self.shapes))
+
+    def run(self, x: torch.Tensor) -> Jet:
+        mode, output = self.mode, self.output
+        weights, biases = self.weights, self.biases
+        if output is not None:  # (views of the tensors of this call: .data may change)
+            k = _output_index(output, weights[-1].shape[0])
+            b = biases[-1]
+            weights = weights[:-1] + [weights[-1][k:k + 1]]
+            biases = biases[:-1] + [None if b is None else b[k:k + 1]]
+        batched = x.dim() == 2
+        xb = x if batched else x.unsqueeze(0)
+        B, d = xb.shape
+        save = torch.is_grad_enabled() and (xb.requires_grad or any(
+            t.requires_grad for t in self.tensors))
+        key = (B, save, _memory.budget())
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = _memory.plan(B, d, self.widths, mode, self.method, xb, output, save)
+            if plan[1] >= B and _cost.working_bytes(B, d, self.widths, mode, plan[0],
+                                                    xb.element_size(), save) <= _KEEP_PLAN_BYTES:
+                self.plans[key] = plan
+        method, rows = plan
+        if save and any(b is None for b in biases) and any(b is not None for b in biases):
+            # Autograd cannot track a list that mixes None and tensors (see _ops.py).
+            biases = [xb.new_zeros(W.shape[0]) if b is None else b for W, b in zip(weights, biases)]
+        stage_sizes, codes, params, _ = self.args
+
+        def run(b0, b1):
+            xc = xb[b0:b1] if (b0, b1) != (0, B) else xb
+            return _ops.mlp_jet(xc, weights, biases, stage_sizes, codes, params, mode, method,
+                                save)[:3]
+
+        return _jet_of_calls(run, xb, rows, mode, output, batched)
+
+
 def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=None,
          directions=None) -> Jet:
     """The public functions' work. wrt: input indices; directions (internal): the seed of
@@ -305,10 +377,17 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=N
     # model; under torch.compile a constant of the compiled code) give its graph; a graph that
     # is a chain runs through mlp_jet (blocked forward jets, reverse-Gram, saved state), any
     # other through graph_jet.
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         records = _graph_reader.compiled_structure(model, input_widths)
     else:
         records = _graph_reader.structure(model, input_widths)
+        if seed is None:  # a chain call planned before (_ChainCall)
+            key = (x.shape[-1], input_widths, mode, output, method, x.dtype, x.device)
+            calls = _CALLS.get(model)
+            call = None if calls is None else calls.get(key)
+            if call is not None and call.current(records, x):
+                return call.run(x)
     graph, layout = _graph_network(model, x, input_widths, records)
     _check_backend(x)
     if seed is not None and layout is not None and method == "reverse" and directions is None:
@@ -317,6 +396,13 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=N
         return _select_wrt(whole, index, mode)
     if layout is None or seed is not None:
         return _run_graph(graph, x, mode, output, method, seed)
+    if not compiling and layout.pre == (1.0, 0.0):
+        fixed = _graph_reader.fixed_tensors(model, x.shape[-1], input_widths, records)
+        if fixed is not None:  # every tensor a parameter or buffer itself: plan the call
+            call = _ChainCall(records, fixed, layout, mode, output, method)
+            _CALLS.setdefault(model, {})[
+                (x.shape[-1], input_widths, mode, output, method, x.dtype, x.device)] = call
+            return call.run(x)
     net = _select_output(chain_network(layout, graph.tensors), output)
 
     batched = x.dim() == 2
@@ -335,8 +421,8 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=N
 
     def run(b0, b1):
         xc = xb[b0:b1] if (b0, b1) != (0, B) else xb
-        return torch.ops.hessmlp.mlp_jet(xc, net.weights, biases, net.stage_sizes, net.act_codes,
-                                         net.act_params, mode, method, save)[:3]
+        return _ops.mlp_jet(xc, net.weights, biases, net.stage_sizes, net.act_codes,
+                               net.act_params, mode, method, save)[:3]
 
     return _jet_of_calls(run, xb, rows, mode, output, batched)
 
