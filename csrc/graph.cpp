@@ -346,7 +346,7 @@ std::vector<at::Tensor> forward_columns(const Kernels& k, const GraphSpec& spec,
 // as many as keep one node's columns at the widest node in cache, as a chain's; else B.
 int64_t block_rows(const Kernels& k, const GraphSpec& spec, const at::Tensor& x) {
   if (!k.rows_per_block) return spec.batch;
-  return std::min(spec.batch, k.rows_per_block(spec.cols() * widest(spec) * x.element_size()));
+  return std::min(spec.batch, k.rows_per_block(spec.cols() * widest(spec) * x.element_size(), spec.batch));
 }
 
 // The backward sweep (docs/design.md §9) for the samples of x: adds the gradients w.r.t. the

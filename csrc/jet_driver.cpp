@@ -174,7 +174,7 @@ ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::
   const int64_t C = 1 + d + n_pairs(mode, d);
   if (keep != Keep::Gram && k.rows_per_block) {
     const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
-    const int64_t rows = k.rows_per_block(C * n_max * x.element_size());
+    const int64_t rows = k.rows_per_block(C * n_max * x.element_size(), B);
     if (rows < B) return forward_blocked(k, net, mode, x, keep == Keep::State, rows);
   }
   ForwardPass fp;
@@ -378,7 +378,7 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
         mode == Mode::Full ? at::empty({B, m, Q}, x.options()) : hess.view({B, m, Q});
     const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
     const int64_t rows =
-        k.rows_per_block ? std::min(B, k.rows_per_block((1 + d) * n_max * x.element_size())) : B;
+        k.rows_per_block ? std::min(B, k.rows_per_block((1 + d) * n_max * x.element_size(), B)) : B;
     reverse_gram_blocked(k, net, x, rows, value, jac, packed);
     if (mode == Mode::Full) k.unpack_packed(d, packed.view({B * m, Q}), hess);
     return;
@@ -526,7 +526,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
   }
 
   const int64_t n_max = *std::max_element(spec.widths.begin(), spec.widths.end());
-  const int64_t rows = k.rows_per_block ? k.rows_per_block(C * n_max * x.element_size()) : B;
+  const int64_t rows = k.rows_per_block ? k.rows_per_block(C * n_max * x.element_size(), B) : B;
   if (rows >= B) {
     backward_sweep(k, net, x, state, gv, gj, gh, 0, B, need_x, need_w, grad_x, grad_w, grad_b);
     return {grad_x, grad_w, grad_b};

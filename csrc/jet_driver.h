@@ -112,8 +112,9 @@ struct Kernels {
   // matrices. a and b may be transposed views; out's rows are contiguous.
   void (*mm)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
   // Samples per block when the forward jet should go block by block through all the
-  // layers (bytes_per_row: one sample's columns at the widest layer); null: whole batch.
-  int64_t (*rows_per_block)(int64_t bytes_per_row);
+  // layers (bytes_per_row: one sample's columns at the widest layer; batch: the samples of
+  // the call); at least batch: the whole batch at once. null: always the whole batch.
+  int64_t (*rows_per_block)(int64_t bytes_per_row, int64_t batch);
 };
 
 // The products through ATen (cuBLAS on CUDA): a backend's mm unless it has its own.

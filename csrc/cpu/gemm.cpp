@@ -131,10 +131,11 @@ Isa isa_from_env(Isa best) {
   return static_cast<int>(want) <= static_cast<int>(best) ? want : best;
 }
 
-// Rows per task when the product is split among threads: whole tiles, enough work each.
+// Rows per task when the product is split among threads: whole tiles, and enough work each
+// (about 2^21 multiply-adds: below that, waking the threads costs more than they save).
 int64_t grain_rows(int64_t N, int64_t K) {
   const int64_t per_row = std::max<int64_t>(1, N * K);
-  return std::max<int64_t>(24, ((int64_t(1) << 18) / per_row + 23) / 24 * 24);
+  return std::max<int64_t>(24, ((int64_t(1) << 21) / per_row + 23) / 24 * 24);
 }
 
 }  // namespace

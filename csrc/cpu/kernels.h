@@ -4,6 +4,8 @@
 #pragma once
 
 #include "../jet_driver.h"
+
+#include <ATen/Parallel.h>
 #include "lanes.h"
 #include "vmath.h"
 
@@ -14,8 +16,19 @@ namespace cpu {
 
 // Blocks of samples whose columns fill about this much cache go through all layers together.
 constexpr int64_t kBlockBytes = 256 << 10;
-inline int64_t rows_per_block(int64_t bytes_per_row) {
-  return std::max<int64_t>(8, kBlockBytes / std::max<int64_t>(1, bytes_per_row));
+// A batch that fits one block is still split among the threads when each gets this many samples.
+constexpr int64_t kMinBlockRows = 32;
+
+// Samples per block for a batch: at most what fills kBlockBytes (at least 8), in a number of
+// blocks that is a multiple of the threads, of about equal size (the threads finish together).
+inline int64_t rows_per_block(int64_t bytes_per_row, int64_t batch) {
+  const int64_t most = std::max<int64_t>(8, kBlockBytes / std::max<int64_t>(1, bytes_per_row));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (batch < 2 * kMinBlockRows || threads == 1) return most;
+  int64_t blocks = (batch + most - 1) / most;
+  blocks = (blocks + threads - 1) / threads * threads;
+  blocks = std::min(blocks, std::max<int64_t>((batch + most - 1) / most, batch / kMinBlockRows));
+  return (batch + blocks - 1) / blocks;
 }
 
 // The products with the weight matrices: hessmlp's own kernels (gemm.h).
