@@ -194,14 +194,15 @@ class _MlpJet(torch.autograd.Function):
         biases = [next(it) if h else None for h in has_bias]
         with torch._C._AutoDispatchBelowAutograd():
             value, jac, hess, state = torch.ops.hessmlp.mlp_jet.default(x, weights, biases, *args)
-        ctx.mark_non_differentiable(*state)
         ctx.set_materialize_grads(False)
         ctx.L, ctx.has_bias, ctx.args = L, has_bias, args
-        ctx.save_for_backward(x, *tensors, *state)
-        return (value, jac, hess, *state)
+        # (the state is neither an input nor an output: kept on ctx, out of autograd's sight)
+        ctx.state = state
+        ctx.save_for_backward(x, *tensors)
+        return value, jac, hess
 
     @staticmethod
-    def backward(ctx, grad_value, grad_jacobian, grad_hessian, *grad_state):
+    def backward(ctx, grad_value, grad_jacobian, grad_hessian):
         L, has_bias = ctx.L, ctx.has_bias
         stage_sizes, act_codes, act_params, mode = ctx.args[:4]
         saved = ctx.saved_tensors
@@ -209,7 +210,7 @@ class _MlpJet(torch.autograd.Function):
         x, weights = saved[0], list(saved[1:1 + L])
         it = iter(saved[1 + L:1 + L + nb])
         biases = [next(it) if h else None for h in has_bias]
-        state = list(saved[1 + L + nb:])
+        state = ctx.state
         needs = ctx.needs_input_grad  # (x, L, has_bias, args, *weights, *biases)
         need_w = [bool(n) for n in needs[4:4 + L]]
         it = iter(needs[4 + L:])
@@ -241,9 +242,9 @@ def mlp_jet(x, weights, biases, stage_sizes, act_codes, act_params, mode, method
                 "None and tensors; pass zeros for the missing biases (hessmlp.jet and friends do "
                 "this)")
         has_bias = tuple(b is not None for b in biases)
-        out = _MlpJet.apply(x, len(weights), has_bias, args, *weights,
-                            *[b for b in biases if b is not None])
-        return out[0], out[1], out[2], list(out[3:])
+        value, jac, hess = _MlpJet.apply(x, len(weights), has_bias, args, *weights,
+                                         *[b for b in biases if b is not None])
+        return value, jac, hess, []
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.hessmlp.mlp_jet.default(x, weights, biases, *args)
 

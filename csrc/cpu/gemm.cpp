@@ -190,13 +190,25 @@ void mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, bool
   }
 #if HM_GEMM_X86
   if (M == 0 || N == 0) return;
-  // b's rows must be contiguous (the kernels load vectors of a row).
-  const at::Tensor b = (N <= 1 || b_in.stride(1) == 1) ? b_in : b_in.contiguous();
-  const int64_t rs = a.stride(0), cs = a.stride(1), ldb = K <= 1 ? N : b.stride(0);
+  const int64_t rs = a.stride(0), cs = a.stride(1);
   const int64_t ldc = M <= 1 ? N : out.stride(0);
+  // b's rows must be contiguous (the kernels load vectors of a row): else (W^T) copied into
+  // this thread's scratch (no ATen call: on small products its overhead would dominate).
+  const bool b_rows = N <= 1 || b_in.stride(1) == 1;
+  thread_local std::vector<char> scratch;
   AT_DISPATCH_FLOATING_TYPES(st, "hessmlp_cpu_mm", [&] {
     const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const scalar_t* bp = b_in.data_ptr<scalar_t>();
+    int64_t ldb = K <= 1 ? N : b_in.stride(0);
+    if (!b_rows) {
+      const int64_t s0 = b_in.stride(0), s1 = b_in.stride(1);
+      scratch.resize(static_cast<size_t>(K * N) * sizeof(scalar_t));
+      scalar_t* packed = reinterpret_cast<scalar_t*>(scratch.data());
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t k = 0; k < K; ++k) packed[k * N + j] = bp[k * s0 + j * s1];
+      bp = packed;
+      ldb = N;
+    }
     scalar_t* cp = out.data_ptr<scalar_t>();
     auto run = [&](int64_t i0, int64_t i1) {
       if (isa == Isa::Avx512) {
