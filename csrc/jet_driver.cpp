@@ -212,7 +212,8 @@ ForwardPass forward_pass(const Kernels& k, const Net& net, Mode mode, const at::
 // w [B, m, n].
 constexpr int64_t kGramBlocks = 4;
 
-void gram_blocks(const std::vector<std::pair<at::Tensor, at::Tensor>>& terms, at::Tensor& hess) {
+void gram_blocks(const Kernels& k, const std::vector<std::pair<at::Tensor, at::Tensor>>& terms,
+                 at::Tensor& hess) {
   const int64_t B = hess.size(0), m = hess.size(1), d = hess.size(-1);
   const int64_t bs = (d + kGramBlocks - 1) / kGramBlocks;
   for (int64_t i0 = 0; i0 < d; i0 += bs) {
@@ -227,20 +228,17 @@ void gram_blocks(const std::vector<std::pair<at::Tensor, at::Tensor>>& terms, at
       // sample against the rows J >= I of T, with no copy of T per output.
       const at::Tensor a = (tb.narrow(2, i0, ni) * w.unsqueeze(2)).contiguous();
       if (shared) {
-        at::Tensor acc2 = acc.view({B * m * ni, nj});
-        const at::Tensor rhs = t.narrow(0, i0, nj).t();
-        if (first) {
-          at::mm_out(acc2, a.view({B * m * ni, n}), rhs);
-        } else {
-          acc2.addmm_(a.view({B * m * ni, n}), rhs);
-        }
+        k.mm(acc.view({B * m * ni, nj}), a.view({B * m * ni, n}), t.narrow(0, i0, nj).t(), !first);
       } else {
         at::Tensor acc3 = acc.view({B, m * ni, nj});
+        const at::Tensor a3 = a.view({B, m * ni, n});
         const at::Tensor rhs = t.narrow(1, i0, nj).transpose(1, 2);
-        if (first) {
-          at::bmm_out(acc3, a.view({B, m * ni, n}), rhs);
+        if (k.rows_per_block) {  // a blocked backend (the CPU): its own products, sample by sample
+          for (int64_t b = 0; b < B; ++b) k.mm(acc3[b], a3[b], rhs[b], !first);
+        } else if (first) {  // (CUDA: one batched cuBLAS call)
+          at::bmm_out(acc3, a3, rhs);
         } else {
-          acc3.baddbmm_(a.view({B, m * ni, n}), rhs);
+          acc3.baddbmm_(a3, rhs);
         }
       }
       first = false;
@@ -402,7 +400,7 @@ void reverse_gram(const Kernels& k, const Net& net, const at::Tensor& x, at::Ten
   if (top) {  // dy/dx = dy/dz_0 W_0
     k.mm(jac.view({B * m, d}), g.view({B * m, spec.widths[0]}), net.weights[0], false);
   }
-  gram_blocks(terms, hess);
+  gram_blocks(k, terms, hess);
   mirror_blocks(hess);
 }
 
