@@ -71,6 +71,10 @@ def test_large_products_split_among_threads(isa):
                 b = torch.randn(129, 77, dtype=dtype, generator=gen)
                 _check(OPS._cpu_mm(a, b, None, isa), a, b, None, dtype)
                 # a transposed (the weight gradient's g^T @ act), K past one k slice
+                # a b large enough to be packed into panels (past 128 KB), a transposed
+                a = torch.randn(300, 600, dtype=dtype, generator=gen)
+                b = torch.randn(77, 600, dtype=dtype, generator=gen).t()
+                _check(OPS._cpu_mm(a, b, None, isa), a, b, None, dtype)
                 g = torch.randn(700, 40, dtype=dtype, generator=gen)
                 act = torch.randn(700, 50, dtype=dtype, generator=gen)
                 c = torch.randn(40, 50, dtype=dtype, generator=gen)

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -120,6 +121,9 @@ struct V256D {
 
 namespace {
 
+// Products whose b is larger than this copy its slices into contiguous panels first.
+constexpr int64_t kPackBytes = 128 << 10;
+
 Isa isa_from_env(Isa best) {
   const char* env = std::getenv("HESSMLP_CPU_ISA");
   if (env == nullptr || *env == '\0') return best;
@@ -210,11 +214,13 @@ void mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, bool
       ldb = N;
     }
     scalar_t* cp = out.data_ptr<scalar_t>();
+    // b packed into panels when larger than the L1 and L2 sets its rows would fall into.
+    const bool pack = K * N * static_cast<int64_t>(sizeof(scalar_t)) > kPackBytes;
     auto run = [&](int64_t i0, int64_t i1) {
       if (isa == Isa::Avx512) {
-        avx512::gemm_rows(i0, i1, N, K, ap, rs, cs, bp, ldb, cp, ldc, accumulate);
+        avx512::gemm_rows(i0, i1, N, K, ap, rs, cs, bp, ldb, cp, ldc, accumulate, pack);
       } else {
-        avx2::gemm_rows(i0, i1, N, K, ap, rs, cs, bp, ldb, cp, ldc, accumulate);
+        avx2::gemm_rows(i0, i1, N, K, ap, rs, cs, bp, ldb, cp, ldc, accumulate, pack);
       }
     };
     const int64_t grain = grain_rows(N, K);
