@@ -21,7 +21,7 @@ from torch import fx, nn
 from ._graph import Graph, GraphBuilder, as_chain, chain_layout
 from .nn import Sine
 from ._spec import (MAX_STAGE_FUNCTIONS, _ARITH, _ARITH_METHODS, _FUNCS, _FUNCTION_NAMES, _CACHE_ATTR, _RESHAPES,
-                    Act, Network, _FxChain, _cached, _check_global_hooks, _check_hooks, _fingerprint, _get,
+                    Act, Network, _FxChain, _cached, _check_global_hooks, _check_hooks, _get,
                     _join, _module_steps, _refuse, _weight, UnsupportedModelError, check_compiled_key,
                     check_constant, unwrap)
 
@@ -402,9 +402,9 @@ def cached_records(model: nn.Module, input_widths=None, read: bool = True) -> Op
     if not read and _CACHE_ATTR not in model.__dict__:
         return None
     _check_global_hooks()
-    key = (_fingerprint(model), None if input_widths is None else tuple(input_widths))
+    widths = None if input_widths is None else tuple(input_widths)
     keep = lambda recs: not any(_literal(payload) for _, _, _, payload in recs)  # noqa: E731
-    return _cached(model, _CACHE_ATTR, key,
+    return _cached(model, _CACHE_ATTR, widths,
                    lambda recs: (item for kind, _, _, item in recs if kind == "const"),
                    (lambda: _records(model, input_widths)) if read else None, keep)
 

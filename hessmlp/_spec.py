@@ -767,6 +767,13 @@ def _fingerprint(model: nn.Module) -> tuple:
     return _fingerprint_py(model) if key is None else key
 
 
+def _fingerprint_matches(model: nn.Module, key: tuple) -> bool:
+    """_fingerprint(model) == key, compared by the C walk as it goes (nothing built while they
+    agree: the common case of a call on an unchanged model)."""
+    return _C._fingerprint_matches(model, key, _MODULE_ATTRS, _frozen, _class_attrs,
+                                   torch.jit.ScriptModule)
+
+
 def _fingerprint_py(model: nn.Module) -> tuple:
     """What the structure read from ``model`` depends on, cheaply (no tracing): every module's
     identity, class, training flag, plain attributes and hooks, the names and identities of
@@ -784,7 +791,7 @@ def _fingerprint_py(model: nn.Module) -> tuple:
         d = m.__dict__
         attrs = tuple((k, v if type(v) in plain else frozen(v)) for k, v in d.items()
                       if k not in module_attrs)
-        params = tuple((k, None if p is None else (id(p), True) if p.requires_grad
+        params = tuple((k, None if p is None else (id(p), None) if p.requires_grad
                         else (id(p), p._version)) for k, p in d["_parameters"].items())
         buffers = tuple((k, None if b is None else (id(b), b._version))
                         for k, b in d["_buffers"].items())
@@ -822,17 +829,19 @@ def _check_global_hooks() -> None:
             f"(.remove() on its handle) around hessmlp's calls. {_SEE}")
 
 
-def _cached(model: nn.Module, attr: str, key, consts, compute=None, keep=lambda value: True):
-    """A structure kept on the model in attr with the key it was read under (its fingerprint):
-    the kept one while the key is the same and every (path, value) of consts(it), the scalars
-    read as constants, still holds (compared by value: writes through .data keep the
-    version); else compute() (None: no computing, None back), kept when keep(it)."""
+def _cached(model: nn.Module, attr: str, widths, consts, compute=None, keep=lambda value: True):
+    """A structure kept on the model in attr with the key it was read under (the model's
+    fingerprint and the input widths): the kept one while the key is the same and every
+    (path, value) of consts(it), the scalars read as constants, still holds (compared by
+    value: writes through .data keep the version); else compute() (None: no computing, None
+    back), kept when keep(it)."""
     cache = model.__dict__.get(attr)
-    if cache is not None and cache[0] == key and all(
+    if cache is not None and cache[0][1] == widths and _fingerprint_matches(model, cache[0][0]) and all(
             _same(float(_get(model, path).item()), value) for path, value in consts(cache[1])):
         return cache[1]
     if compute is None:
         return None
+    key = (_fingerprint(model), widths)
     value = compute()
     if keep(value):
         model.__dict__[attr] = (key, value)
@@ -904,10 +913,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
         else:
-            return model
+            # (a registered child: its dict, not getattr, which raises and catches inside
+            # nn.Module.__getattr__ for every other module)
+            inner = model.__dict__.get("_modules", {}).get("_orig_mod")
+            if not isinstance(inner, nn.Module):
+                return model
+            model = inner
 
 
 def _get(model: nn.Module, path: str) -> torch.Tensor:
