@@ -916,7 +916,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         else:
             # (a registered child: its dict, not getattr, which raises and catches inside
             # nn.Module.__getattr__ for every other module)
-            inner = model.__dict__.get("_modules", {}).get("_orig_mod")
+            mods = model.__dict__.get("_modules")
+            inner = mods.get("_orig_mod") if isinstance(mods, dict) else getattr(model, "_orig_mod", None)
             if not isinstance(inner, nn.Module):
                 return model
             model = inner
