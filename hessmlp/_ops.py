@@ -225,6 +225,12 @@ class _MlpJet(torch.autograd.Function):
         return (gx, None, None, None, *gw, *[g for g, h in zip(gb, has_bias) if h])
 
 
+# _MlpJet.apply without torch.autograd.Function.apply's Python layer (its handling of
+# functorch's wrappers and default arguments, which eager calls outside torch.func, as
+# mlp_jet makes them, do not need): the C apply bound to the class.
+_MLP_JET_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _MlpJet)
+
+
 def mlp_jet(x, weights, biases, stage_sizes, act_codes, act_params, mode, method, save_state):
     """torch.ops.hessmlp.mlp_jet (value, jacobian, hessian, state), by the cheapest route to
     the same results: under torch.compile (or a torch.func transform) the op itself; eager,
@@ -242,8 +248,8 @@ def mlp_jet(x, weights, biases, stage_sizes, act_codes, act_params, mode, method
                 "None and tensors; pass zeros for the missing biases (hessmlp.jet and friends do "
                 "this)")
         has_bias = tuple(b is not None for b in biases)
-        value, jac, hess = _MlpJet.apply(x, len(weights), has_bias, args, *weights,
-                                         *[b for b in biases if b is not None])
+        value, jac, hess = _MLP_JET_APPLY(x, len(weights), has_bias, args, *weights,
+                                          *[b for b in biases if b is not None])
         return value, jac, hess, []
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.hessmlp.mlp_jet.default(x, weights, biases, *args)
