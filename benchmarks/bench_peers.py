@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 import hessmlp
 from hessmlp import bench
@@ -283,15 +282,7 @@ def peer_rows(quick: bool = False, rounds: int = 5, run_time: float = 0.5,
                              "not timed")
                 continue
             routes.append((name, fn))
-        fns = [ours] + [fn for _, fn in routes]
-        for fn in fns:
-            fn()
-        timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-                  for fn in fns]
-        per = [[] for _ in fns]
-        for _ in range(rounds):
-            for k, t in enumerate(timers):
-                per[k].append(t.blocked_autorange(min_run_time=run_time / rounds).median)
+        per = bench.interleaved_rounds([ours] + [fn for _, fn in routes], run_time, rounds)
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
         for k, (name, _) in enumerate(routes, start=1):
             row = (case.name, name, med(per[0]) * 1e3, med(per[k]) * 1e3,

@@ -49,20 +49,7 @@ def _median(v):
     return sorted(v)[len(v) // 2]
 
 
-def interleaved_rounds(fns, run_time, rounds=5):
-    """Times of fns measured side by side: `rounds` rounds of blocked_autorange, one per
-    function in turn, so that a drift in the machine's speed falls on all of them alike.
-    Returns each function's list of round medians."""
-    for fn in fns:
-        fn()
-    # (Timer runs on one thread unless told otherwise: time with the threads torch uses.)
-    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-              for fn in fns]
-    per = [[] for _ in fns]
-    for _ in range(rounds):
-        for k, t in enumerate(timers):
-            per[k].append(t.blocked_autorange(min_run_time=run_time / rounds).median)
-    return per
+interleaved_rounds = bench.interleaved_rounds
 
 
 def interleaved(fns, run_time, rounds=5):

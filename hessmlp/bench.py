@@ -16,8 +16,24 @@ from torch.utils import benchmark
 
 import hessmlp
 
-__all__ = ["baselines", "median_seconds", "interleaved", "relative_error", "fma_peak", "cpu_description",
-           "main"]
+__all__ = ["baselines", "median_seconds", "interleaved", "interleaved_rounds", "relative_error", "fma_peak",
+           "cpu_description", "main"]
+
+
+def interleaved_rounds(fns, run_time: float, rounds: int = 5) -> List[List[float]]:
+    """Times of fns measured side by side: ``rounds`` rounds of blocked_autorange, one per
+    function in turn, so that a drift in the machine's speed falls on all of them alike.
+    Returns each function's list of round medians (seconds)."""
+    for fn in fns:
+        fn()
+    # (Timer runs on one thread unless told otherwise: time with the threads torch uses.)
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+              for fn in fns]
+    per: List[List[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, t in enumerate(timers):
+            per[k].append(t.blocked_autorange(min_run_time=run_time / rounds).median)
+    return per
 
 
 def fma_peak(seconds: float = 0.25, dtype: torch.dtype = torch.float32) -> float:
