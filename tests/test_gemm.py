@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-import hessmlp  # noqa: F401  (loads the ops)
+import hessmlp
+import hessmlp.bench
 
 NATIVE_BACKEND = True  # (the CPU product is not one of the emulated ops)
 
@@ -103,10 +104,14 @@ def test_bad_isa_names():
 
 
 def test_fma_probe():
-    secs, flops = OPS._fma_peak(torch.empty(0), 10000).tolist()
     if SUPPORTED == ["aten"]:
-        pytest.skip("no AVX2 on this CPU")
+        with pytest.raises(RuntimeError, match="AVX2 or AVX-512"):
+            OPS._fma_peak(torch.empty(0), 10000)
+        assert hessmlp.bench.fma_peak() == 0.0
+        return
+    secs, flops = OPS._fma_peak(torch.empty(0), 10000).tolist()
     assert secs > 0 and flops > 0
+    assert hessmlp.bench.fma_peak(0.01) > 0
 
 
 _NETWORKS = textwrap.dedent("""
