@@ -133,3 +133,50 @@ def test_a_bad_output_is_refused_every_time():
     for _ in range(2):
         with pytest.raises(ValueError, match="out of range"):
             hessmlp.laplacian(model, x, output=5)
+
+
+def test_the_c_fingerprint_is_the_python_one_and_sees_every_change():
+    """hessmlp._C's walk builds the same key as the Python walk, and its comparison with a
+    kept key sees each kind of change the key holds."""
+    from hessmlp import _spec
+
+    class Siren(nn.Module):
+        w0 = 30.0
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.c = None
+
+    inner = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Softplus(beta=float("nan")))
+    inner[0].weight.requires_grad_(False)
+    inner.register_buffer("buf", torch.zeros(3))
+    inner.extra = [1, 2.5, torch.zeros(2)]
+    hook = inner[1].register_forward_hook(lambda *a: None)
+    model = nn.Sequential(Siren(), inner)
+    key = _spec._fingerprint(model)
+    assert key == _spec._fingerprint_py(model)
+    assert _spec._fingerprint_matches(model, key)
+    changes = [
+        lambda: setattr(inner[3], "beta", 2.0),
+        lambda: inner[0].weight.requires_grad_(True),
+        lambda: inner[0].weight.requires_grad_(False),  # (version 0 again: still a change)
+        lambda: inner.buf.add_(1),
+        hook.remove,
+        lambda: setattr(Siren, "w0", 31.0),
+        lambda: model.train(False),
+        lambda: setattr(inner, "extra", [1, 2.5]),
+        lambda: inner.register_buffer("b2", None),
+        lambda: setattr(inner[2], "weight", nn.Parameter(torch.zeros(8, 8))),
+        lambda: inner.add_module("more", nn.Tanh()),
+        lambda: delattr(inner, "more"),
+    ]
+    for i, change in enumerate(changes):
+        change()
+        assert not _spec._fingerprint_matches(model, key), f"change {i} not seen"
+        key = _spec._fingerprint(model)
+        assert key == _spec._fingerprint_py(model), f"change {i}: the walks differ"
+        assert _spec._fingerprint_matches(model, key)
+    # a TorchScript module: the C walk steps aside, the Python one names it
+    with pytest.raises(hessmlp.UnsupportedModelError, match="TorchScript"):
+        _spec._fingerprint(nn.Sequential(torch.jit.script(nn.Linear(2, 2))))
