@@ -13,7 +13,13 @@ namespace hessmlp {
 
 void aten_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   at::Tensor o = out;
-  if (accumulate) {
+  if (o.dim() == 3) {
+    if (accumulate) {
+      o.baddbmm_(a, b);
+    } else {
+      at::bmm_out(o, a, b);
+    }
+  } else if (accumulate) {
     o.addmm_(a, b);
   } else {
     at::mm_out(o, a, b);
@@ -230,16 +236,10 @@ void gram_blocks(const Kernels& k, const std::vector<std::pair<at::Tensor, at::T
       if (shared) {
         k.mm(acc.view({B * m * ni, nj}), a.view({B * m * ni, n}), t.narrow(0, i0, nj).t(), !first);
       } else {
-        at::Tensor acc3 = acc.view({B, m * ni, nj});
+        const at::Tensor acc3 = acc.view({B, m * ni, nj});
         const at::Tensor a3 = a.view({B, m * ni, n});
         const at::Tensor rhs = t.narrow(1, i0, nj).transpose(1, 2);
-        if (k.rows_per_block) {  // a blocked backend (the CPU): its own products, sample by sample
-          for (int64_t b = 0; b < B; ++b) k.mm(acc3[b], a3[b], rhs[b], !first);
-        } else if (first) {  // (CUDA: one batched cuBLAS call)
-          at::bmm_out(acc3, a3, rhs);
-        } else {
-          acc3.baddbmm_(a3, rhs);
-        }
+        k.mm(acc3, a3, rhs, !first);
       }
       first = false;
     }

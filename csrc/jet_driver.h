@@ -109,7 +109,8 @@ struct Kernels {
   void (*product_adjoint)(Mode mode, int64_t d, const at::Tensor& p, const at::Tensor& q,
                           const at::Tensor& g, at::Tensor& gp, at::Tensor& gq);
   // out [M, N] = a [M, K] @ b [K, N] (+= when accumulate): the products with the weight
-  // matrices. a and b may be transposed views; out's rows are contiguous.
+  // matrices; or batched, [B, M, N] from [B, M, K] and [B, K, N]. a and b may be transposed
+  // views; out's rows are contiguous.
   void (*mm)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
   // Samples per block when the forward jet should go block by block through all the
   // layers (bytes_per_row: one sample's columns at the widest layer; batch: the samples of
@@ -117,7 +118,8 @@ struct Kernels {
   int64_t (*rows_per_block)(int64_t bytes_per_row, int64_t batch);
 };
 
-// The products through ATen (cuBLAS on CUDA): a backend's mm unless it has its own.
+// The products through ATen (cuBLAS on CUDA; batched: one bmm): a backend's mm unless it has
+// its own.
 void aten_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 // The op entries: checks, a device guard, then the algorithm with k's passes.

@@ -90,14 +90,18 @@ def _stage_derivs_fake(z, act_codes, act_params):
 
 # ---- autograd -------------------------------------------------------------------------------
 
-def _mlp_jet_setup_context(ctx, inputs, output):
-    x, weights, biases, stage_sizes, act_codes, act_params, mode, method, save_state = inputs
+def _refuse_mixed_biases(biases):
     if any(b is None for b in biases) and any(b is not None and b.requires_grad for b in biases):
         # Autograd sees a list that mixes None and tensors as one opaque value: the
         # gradients of its tensors would be lost without a word.
         raise ValueError(
             "hessmlp: mlp_jet cannot differentiate w.r.t. biases given as a list that mixes None "
             "and tensors; pass zeros for the missing biases (hessmlp.jet and friends do this)")
+
+
+def _mlp_jet_setup_context(ctx, inputs, output):
+    x, weights, biases, stage_sizes, act_codes, act_params, mode, method, save_state = inputs
+    _refuse_mixed_biases(biases)
     state = output[3]
     ctx.mark_non_differentiable(*state)
     ctx.set_materialize_grads(False)
@@ -241,12 +245,7 @@ def mlp_jet(x, weights, biases, stage_sizes, act_codes, act_params, mode, method
     args = (stage_sizes, act_codes, act_params, mode, method, save_state)
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights) or any(
             b is not None and b.requires_grad for b in biases)):
-        if any(b is None for b in biases) and any(b is not None and b.requires_grad for b in biases):
-            # (as _mlp_jet_setup_context)
-            raise ValueError(
-                "hessmlp: mlp_jet cannot differentiate w.r.t. biases given as a list that mixes "
-                "None and tensors; pass zeros for the missing biases (hessmlp.jet and friends do "
-                "this)")
+        _refuse_mixed_biases(biases)
         has_bias = tuple(b is not None for b in biases)
         value, jac, hess = _MLP_JET_APPLY(x, len(weights), has_bias, args, *weights,
                                           *[b for b in biases if b is not None])

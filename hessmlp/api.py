@@ -11,7 +11,7 @@ from torch import nn
 from . import _cost, _memory, _ops  # (_ops also registers the fake kernels and autograd)
 from ._memory import memory_budget, set_memory_budget
 from ._graph import chain_layout, chain_network
-from ._spec import Network, UnsupportedModelError, unwrap
+from ._spec import UnsupportedModelError, unwrap
 
 __all__ = ["Jet", "jet", "hessian", "hessian_diag", "laplacian", "jacobian", "hvp",
            "set_memory_budget", "memory_budget"]
@@ -52,16 +52,6 @@ def _output_index(output, m: int) -> int:
     if not -m <= output < m:
         raise ValueError(f"hessmlp: output={output} is out of range for a model with {m} outputs")
     return int(output) % m
-
-
-def _select_output(net: Network, output) -> Network:
-    if output is None:
-        return net
-    k = _output_index(output, net.weights[-1].shape[0])
-    b = net.biases[-1]
-    return Network(net.weights[:-1] + [net.weights[-1][k:k + 1]],
-                   net.biases[:-1] + [None if b is None else b[k:k + 1]], net.stages, net.where,
-                   net.checks)
 
 
 def _kernel_keys() -> tuple:
@@ -285,6 +275,45 @@ _CALLS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 _KEEP_PLAN_BYTES = 64 << 20
 
 
+def _chain_jet(x: torch.Tensor, weights, biases, args, tensors, mode: str, output, method: str,
+               plans: Optional[dict] = None) -> Jet:
+    """A chain's jets by the op mlp_jet. weights, biases: chain_network's (all outputs);
+    args: its (stage_sizes, act_codes, act_params); tensors: the graph's (whether gradients
+    flow); plans: where to keep (method, rows) by (B, gradient flag, budget) (a
+    _ChainCall's), or None."""
+    if output is not None:  # (views made each call: .data may change)
+        k = _output_index(output, weights[-1].shape[0])
+        b = biases[-1]
+        weights = weights[:-1] + [weights[-1][k:k + 1]]
+        biases = biases[:-1] + [None if b is None else b[k:k + 1]]
+    batched = x.dim() == 2
+    xb = x if batched else x.unsqueeze(0)
+    B, d = xb.shape
+    widths = [W.shape[0] for W in weights]
+    # Training through the result: the backward is the adjoint of the forward jets, which
+    # saves each layer's state; after reverse-Gram the backward recomputes it.
+    save = torch.is_grad_enabled() and (xb.requires_grad or any(t.requires_grad for t in tensors))
+    key = (B, save, _memory.budget())
+    plan = None if plans is None else plans.get(key)
+    if plan is None:
+        plan = _memory.plan(B, d, widths, mode, method, xb, output, save)
+        if plans is not None and plan[1] >= B and _cost.working_bytes(
+                B, d, widths, mode, plan[0], xb.element_size(), save) <= _KEEP_PLAN_BYTES:
+            plans[key] = plan
+    method, rows = plan
+    if save and any(b is None for b in biases) and any(b is not None for b in biases):
+        # Autograd cannot track a list that mixes None and tensors (see _ops.py).
+        biases = [xb.new_zeros(W.shape[0]) if b is None else b for W, b in zip(weights, biases)]
+    stage_sizes, codes, params = args
+
+    def run(b0, b1):
+        xc = xb[b0:b1] if (b0, b1) != (0, B) else xb
+        return _ops.mlp_jet(xc, weights, biases, stage_sizes, codes, params, mode, method,
+                            save)[:3]
+
+    return _jet_of_calls(run, xb, rows, mode, output, batched)
+
+
 class _ChainCall:
     """An eager chain call's plan, kept per model and call signature (x's width and the
     forward's input widths, mode, output, method, dtype, device) while the model's records
@@ -293,19 +322,17 @@ class _ChainCall:
     once, and (method, rows) per batch size, gradient flag and memory budget. Each call
     checks the tensors' shapes, dtypes and devices (.data and .to() change them in place)."""
     __slots__ = ("records", "tensors", "shapes", "weights", "biases", "args", "mode", "output",
-                 "method", "widths", "plans")
+                 "method", "plans")
 
     def __init__(self, records, tensors, layout, mode, output, method):
         self.records, self.tensors = records, tensors
         self.shapes = [t.shape for t in tensors]
         net = chain_network(layout, tensors)
+        if output is not None:  # (refused before it is kept)
+            _output_index(output, net.weights[-1].shape[0])
         self.weights, self.biases = net.weights, net.biases
-        self.args = (net.stage_sizes, net.act_codes, net.act_params, mode)
+        self.args = (net.stage_sizes, net.act_codes, net.act_params)
         self.mode, self.output, self.method = mode, output, method
-        self.widths = [W.shape[0] for W in net.weights]
-        if output is not None:
-            _output_index(output, self.widths[-1])
-            self.widths[-1] = 1
         self.plans = {}
 
     def current(self, records, x: torch.Tensor) -> bool:
@@ -316,37 +343,8 @@ class _ChainCall:
                    for t, s in zip(self.tensors, self.shapes))
 
     def run(self, x: torch.Tensor) -> Jet:
-        mode, output = self.mode, self.output
-        weights, biases = self.weights, self.biases
-        if output is not None:  # (views of the tensors of this call: .data may change)
-            k = _output_index(output, weights[-1].shape[0])
-            b = biases[-1]
-            weights = weights[:-1] + [weights[-1][k:k + 1]]
-            biases = biases[:-1] + [None if b is None else b[k:k + 1]]
-        batched = x.dim() == 2
-        xb = x if batched else x.unsqueeze(0)
-        B, d = xb.shape
-        save = torch.is_grad_enabled() and (xb.requires_grad or any(
-            t.requires_grad for t in self.tensors))
-        key = (B, save, _memory.budget())
-        plan = self.plans.get(key)
-        if plan is None:
-            plan = _memory.plan(B, d, self.widths, mode, self.method, xb, output, save)
-            if plan[1] >= B and _cost.working_bytes(B, d, self.widths, mode, plan[0],
-                                                    xb.element_size(), save) <= _KEEP_PLAN_BYTES:
-                self.plans[key] = plan
-        method, rows = plan
-        if save and any(b is None for b in biases) and any(b is not None for b in biases):
-            # Autograd cannot track a list that mixes None and tensors (see _ops.py).
-            biases = [xb.new_zeros(W.shape[0]) if b is None else b for W, b in zip(weights, biases)]
-        stage_sizes, codes, params, _ = self.args
-
-        def run(b0, b1):
-            xc = xb[b0:b1] if (b0, b1) != (0, B) else xb
-            return _ops.mlp_jet(xc, weights, biases, stage_sizes, codes, params, mode, method,
-                                save)[:3]
-
-        return _jet_of_calls(run, xb, rows, mode, output, batched)
+        return _chain_jet(x, self.weights, self.biases, self.args, self.tensors, self.mode,
+                          self.output, self.method, self.plans)
 
 
 def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=None,
@@ -383,9 +381,9 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=N
     else:
         records = _graph_reader.structure(model, input_widths)
         if seed is None:  # a chain call planned before (_ChainCall)
-            key = (x.shape[-1], input_widths, mode, output, method, x.dtype, x.device)
+            call_key = (x.shape[-1], input_widths, mode, output, method, x.dtype, x.device)
             calls = _CALLS.get(model)
-            call = None if calls is None else calls.get(key)
+            call = None if calls is None else calls.get(call_key)
             if call is not None and call.current(records, x):
                 return call.run(x)
     graph, layout = _graph_network(model, x, input_widths, records)
@@ -400,31 +398,11 @@ def _run(model: nn.Module, x, hessian: Optional[str], output, method: str, wrt=N
         fixed = _graph_reader.fixed_tensors(model, x.shape[-1], input_widths, records)
         if fixed is not None:  # every tensor a parameter or buffer itself: plan the call
             call = _ChainCall(records, fixed, layout, mode, output, method)
-            _CALLS.setdefault(model, {})[
-                (x.shape[-1], input_widths, mode, output, method, x.dtype, x.device)] = call
+            _CALLS.setdefault(model, {})[call_key] = call
             return call.run(x)
-    net = _select_output(chain_network(layout, graph.tensors), output)
-
-    batched = x.dim() == 2
-    xb = x if batched else x.unsqueeze(0)
-    B, d = xb.shape
-    widths = [W.shape[0] for W in net.weights]
-    # Training through the result: the backward is the adjoint of the forward jets, which
-    # saves each layer's state; after reverse-Gram the backward recomputes it.
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (xb, *net.weights, *net.biases))
-    method, rows = _memory.plan(B, d, widths, mode, method, xb, output, save)
-    biases = net.biases
-    if save and any(b is None for b in biases) and any(b is not None for b in biases):
-        # Autograd cannot track a list that mixes None and tensors (see _ops.py).
-        biases = [xb.new_zeros(W.shape[0]) if b is None else b for W, b in zip(net.weights, biases)]
-
-    def run(b0, b1):
-        xc = xb[b0:b1] if (b0, b1) != (0, B) else xb
-        return _ops.mlp_jet(xc, net.weights, biases, net.stage_sizes, net.act_codes,
-                               net.act_params, mode, method, save)[:3]
-
-    return _jet_of_calls(run, xb, rows, mode, output, batched)
+    net = chain_network(layout, graph.tensors)
+    return _chain_jet(x, net.weights, net.biases, (net.stage_sizes, net.act_codes, net.act_params),
+                      graph.tensors, mode, output, method)
 
 
 def _check_operand(name: str, t, one: Tuple[int, ...], x: torch.Tensor, what: str) -> None:

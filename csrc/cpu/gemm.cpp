@@ -255,7 +255,8 @@ at::Tensor cpu_mm_op(const at::Tensor& a, const at::Tensor& b, const std::option
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "hessmlp: _cpu_mm: a and b differ in dtype");
   const Isa isa = isa_of_name(isa_name_);
   const bool acc = c.has_value() && c->defined();
-  at::Tensor out = acc ? c->to(a.scalar_type()).contiguous().clone() : at::empty({a.size(0), b.size(1)}, a.options());
+  at::Tensor out = acc ? c->to(a.scalar_type()).clone(at::MemoryFormat::Contiguous)
+                         : at::empty({a.size(0), b.size(1)}, a.options());
   TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef({a.size(0), b.size(1)}), "hessmlp: _cpu_mm: c must be [M, N]");
   mm(out, a, b, acc, isa);
   return out;
@@ -301,6 +302,10 @@ at::Tensor fma_peak_op(const at::Tensor& like, int64_t iterations) {
 }  // namespace
 
 void mm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (out.dim() == 3) {  // batched: one product per entry, each split among the threads
+    for (int64_t i = 0; i < out.size(0); ++i) mm(out[i], a[i], b[i], accumulate);
+    return;
+  }
   mm(out, a, b, accumulate);
 }
 
